@@ -1,0 +1,156 @@
+"""Shared building blocks for the model zoo: input normalisation, initialisers, pooling.
+
+Every model in ``card_jax.models`` derives from :class:`ImageClassifier`, which owns the
+per-channel normalisation constants (plain Python tuples, never nnx Variables, so that
+``nnx.split(model, nnx.Param, nnx.BatchStat)`` captures the whole model state) and
+validates the input at call time.
+
+The initialisers reproduce the PyTorch defaults used by the reference implementations
+(hidden-networks, open_lth, the AugMix ResNeXt code and the CARD repository), expressed in
+Flax's HWIO / [in, out] kernel layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch BatchNorm2d(momentum=0.1) updates ``running = 0.9 * running + 0.1 * batch``;
+# Flax's ``momentum`` is the weight of the *old* value, hence 0.9.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# kaiming_normal_(mode="fan_out", nonlinearity="relu"): std = sqrt(2 / fan_out), where
+# fan_out = kh * kw * out_channels. Flax computes fan_out from the last kernel axis
+# times the receptive field, which is the same number for HWIO kernels (also grouped
+# ones: the kernel is [kh, kw, in / groups, out]). "normal" (untruncated) as in PyTorch.
+kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# kaiming_normal_(mode="fan_in", nonlinearity="relu"): std = sqrt(2 / fan_in).
+kaiming_normal_fan_in = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+# PyTorch's default Linear / Conv2d weight init, kaiming_uniform_(a=sqrt(5)), is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); variance_scaling's uniform limit is
+# sqrt(3 * scale / fan_in), so scale = 1/3 gives the same bound.
+torch_default_kernel = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int) -> nnx.Initializer:
+    """PyTorch's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    A bias initialiser only sees the bias shape ``[out]``, so the fan-in of the layer
+    has to be closed over.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """``channels * width`` rounded half-up, at least 1 (for the ``width`` kwargs)."""
+    return max(1, int(math.floor(channels * width + 0.5)))
+
+
+def batch_norm(num_features: int, *, affine: bool, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm2d with PyTorch's momentum/epsilon; ``affine=False`` drops scale and bias.
+
+    Scale is initialised to 1 and bias to 0 (the PyTorch default and what all reference
+    models use).
+    """
+    return nnx.BatchNorm(
+        num_features,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        use_scale=affine,
+        use_bias=affine,
+        rngs=rngs,
+    )
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2: ``[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]``.
+
+    'SAME' padding (pads with -inf) equals PyTorch's ``MaxPool2d(2)`` for even sizes
+    (every CIFAR-sized layer) and, for odd sizes, behaves like ``ceil_mode=True`` instead
+    of dropping the last row/column. That keeps every spatial size >= 1, so deep plans
+    (Conv-8, VGG) still run on small inputs such as 8x8.
+    """
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+
+
+def pooled_size(size: int, num_pools: int) -> int:
+    """Spatial size after ``num_pools`` applications of :func:`max_pool_2x2`."""
+    for _ in range(num_pools):
+        size = -(-size // 2)
+    return size
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C] -> [B, C]`` mean over the spatial axes."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def _as_float_tuple(values: Sequence[float], what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in values)
+    except TypeError as e:
+        raise TypeError(f"{what} must be a sequence of floats, got {values!r}") from e
+
+
+class ImageClassifier(nnx.Module):
+    """Base class: stores and applies the per-channel input normalisation.
+
+    Subclasses call ``super().__init__(...)`` first and start ``__call__`` with
+    ``x = self.normalize(x)``. ``x`` is ``[B, H, W, C]`` float32 with pixels in [0, 1];
+    the model normalises it as ``(x - mean) / std`` per channel, so datasets and
+    corruption pipelines never have to know the statistics of the training set.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if int(in_channels) < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        mean_t = _as_float_tuple(mean, "mean")
+        std_t = _as_float_tuple(std, "std")
+        if len(mean_t) != in_channels or len(std_t) != in_channels:
+            raise ValueError(
+                f"mean and std need one entry per input channel (in_channels={in_channels}), "
+                f"got mean={mean_t} and std={std_t}"
+            )
+        if any(not s > 0.0 for s in std_t):
+            raise ValueError(f"std entries must be > 0, got {std_t}")
+        # Plain Python ints / tuples are static pytree metadata in NNX: they live in the
+        # graphdef, not in any Variable, so split/merge round-trips them for free.
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.mean = mean_t
+        self.std = std_t
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        """Validate ``x`` ``[B, H, W, C]`` and return ``(x - mean) / std`` as float32."""
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim != 4:
+            raise ValueError(f"{type(self).__name__} expects [B, H, W, C] input, got shape {x.shape}")
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.in_channels} input channel(s) "
+                f"but got input of shape {x.shape} (NHWC expected)"
+            )
+        mean = jnp.asarray(self.mean, jnp.float32)
+        std = jnp.asarray(self.std, jnp.float32)
+        return (x - mean) / std

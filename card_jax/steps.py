@@ -1,0 +1,115 @@
+"""The pure per-realization training and evaluation steps (written for ONE seed).
+
+`card_jax.train` lifts them over the realization axis with `card_jax.realizations` and jits
+them once. Nothing here touches the host: metrics come back as arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from card_jax import state as state_lib
+from card_jax.data import pipeline
+from card_jax.pruning.base import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Static description of how a training batch is drawn and augmented."""
+
+    batch_size: int
+    num_examples: int
+    data_seed: int
+    crop_padding: int
+    flip: bool
+
+
+def forward(graphdef, method: Method, params, batch_stats, method_state, x, train: bool):
+    """Logits `[B, classes]` and the (possibly updated) batch statistics."""
+    model = state_lib.merge_model(graphdef, method.apply(params, method_state), batch_stats)
+    logits = model(x, train=train)
+    return logits, state_lib.batch_stats_of(model)
+
+
+def make_train_step(
+    graphdef,
+    method: Method,
+    tx: optax.GradientTransformation,
+    spec: BatchSpec,
+    constrain_batch: Callable[[jax.Array], jax.Array] = lambda x: x,
+) -> Callable:
+    """Returns `train_step(state, images, labels) -> (state, metrics)` for one realization.
+
+    Args:
+      images: uint8 `[N, H, W, C]`, the whole training set on device (shared by all seeds).
+      labels: int32 `[N]`.
+      constrain_batch: sharding constraint for the batch `[B, H, W, C]` (data parallelism).
+
+    Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
+    """
+
+    def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
+        idx = pipeline.batch_indices(
+            pipeline.order_key(spec.data_seed, st.seed), st.step, spec.num_examples,
+            spec.batch_size,
+        )
+        seed_key = jax.random.key(st.seed)
+        aug_key = jax.random.fold_in(
+            jax.random.fold_in(seed_key, state_lib.AUGMENT_STREAM), st.step)
+        x = pipeline.random_crop_flip(
+            aug_key, pipeline.to_float(images[idx]), spec.crop_padding, spec.flip)
+        x = constrain_batch(x)
+        y = labels[idx]
+
+        def loss_fn(params):
+            logits, batch_stats = forward(
+                graphdef, method, params, st.batch_stats, st.method_state, x, train=True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, batch_stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            st.params)
+        updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        params = method.post_update(optax.apply_updates(st.params, updates), st.method_state)
+        method_state = method.step(params, st.method_state, st.step + 1)
+        finite = jnp.isfinite(loss)
+        first_bad = jnp.where((st.first_bad_step < 0) & ~finite, st.step, st.first_bad_step)
+        new_state = st._replace(
+            params=params, batch_stats=batch_stats, opt_state=opt_state,
+            method_state=method_state, step=st.step + 1, first_bad_step=first_bad,
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return train_step
+
+
+def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
+    """Returns `eval_step(state, images, labels, start) -> correct` for one realization.
+
+    Evaluates examples [start, start + batch_size) of the device-resident uint8 `images`
+    `[M, H, W, C]` with BatchNorm running statistics (never updated). Indices past M are
+    masked out, so one compiled function serves every batch, the last partial one included.
+    Returns the int32 number of correct predictions.
+    """
+
+    def eval_step(st: state_lib.TrainState, images, labels, start):
+        positions = start + jnp.arange(batch_size)
+        valid = positions < images.shape[0]
+        safe = jnp.where(valid, positions, 0)
+        x = pipeline.to_float(images[safe])
+        logits, _ = forward(graphdef, method, st.params, st.batch_stats, st.method_state, x,
+                            train=False)
+        return jnp.sum((jnp.argmax(logits, -1) == labels[safe]) & valid)
+
+    return eval_step
+
+
+def count_prunable(params: Any) -> int:
+    """Weights in conv and dense kernels (ndim >= 2); never biases or BatchNorm."""
+    return sum(int(x.size) for x in jax.tree.leaves(params) if x.ndim >= 2)

@@ -1,0 +1,89 @@
+"""Shared config blocks. Every sub-config maps onto one module of card_jax.
+
+`data` -> card_jax.data, `model` -> card_jax.models, `method` -> card_jax.pruning,
+`optim` -> card_jax.optim, `train` -> card_jax.train, `eval` -> card_jax.evaluate.
+Epoch-valued options are converted to steps once, in card_jax.train.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_data(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict()
+    data.name = name            # fashion_mnist | cifar10 | cifar100 | tfds:<name> | synthetic
+    data.dir = ""               # '' = the source's default location
+    data.pad_to = 32            # zero-pad smaller images (Fashion-MNIST 28 -> 32)
+    data.crop_padding = 4       # random crop after padding by this many pixels; 0 = off
+    data.flip = True            # random horizontal flip
+    data.seed = 0               # batch order = f(data.seed, realization seed, epoch, step)
+    data.train_examples = -1    # -1 = all; more than exist is an error
+    data.test_examples = -1
+    data.synthetic = ml_collections.ConfigDict(
+        dict(train_size=512, test_size=256, image_size=32, channels=3, num_classes=10, seed=0)
+    )
+    return data
+
+
+def get_model(name: str = "conv4", **kw) -> ml_collections.ConfigDict:
+    model = ml_collections.ConfigDict()
+    model.name = name
+    model.kw = ml_collections.ConfigDict(kw)  # model-specific keyword arguments (width, ...)
+    return model
+
+
+def get_method(name: str = "dense") -> ml_collections.ConfigDict:
+    method = ml_collections.ConfigDict()
+    method.name = name
+    return method
+
+
+def get_optim(**overrides) -> ml_collections.ConfigDict:
+    optim = ml_collections.ConfigDict()
+    optim.name = "sgd"          # sgd | adamw
+    optim.lr = 0.1
+    optim.momentum = 0.9
+    optim.nesterov = False
+    optim.weight_decay = 5e-4   # coupled (PyTorch SGD) for sgd, decoupled for adamw
+    optim.schedule = "cosine"   # cosine | step | constant
+    optim.warmup_epochs = 0.0
+    optim.milestones = (80, 120)  # epochs, for the step schedule (open_lth)
+    optim.gamma = 0.1
+    optim.update(overrides)
+    return optim
+
+
+def get_train(**overrides) -> ml_collections.ConfigDict:
+    train = ml_collections.ConfigDict()
+    train.realizations = 2      # R seeds trained together; realization r uses seed + r
+    train.batch_size = 128
+    train.epochs = 1.0
+    train.steps = -1            # > 0 overrides epochs
+    train.strategy = "auto"     # how the [R] axis runs: auto | map | vmap
+    train.log_every = 50        # steps between metric lines
+    train.checkpoint_every = 500  # steps between checkpoints (and one at the end)
+    train.keep_checkpoints = 3
+    train.eval_every = 0        # steps between test evaluations; 0 = only at the end
+    train.progress = "auto"     # auto (bar on a terminal) | bar | log | none
+    train.update(overrides)
+    return train
+
+
+def get_eval(**overrides) -> ml_collections.ConfigDict:
+    ev = ml_collections.ConfigDict()
+    ev.batch_size = 1000
+    ev.update(overrides)
+    return ev
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = get_data()
+    config.model = get_model("conv4", width=0.25)
+    config.method = get_method()
+    config.optim = get_optim()
+    config.train = get_train()
+    config.eval = get_eval()
+    return config
