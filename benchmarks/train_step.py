@@ -1,0 +1,273 @@
+"""Training-step throughput of Conv-4/Conv-8 for R=1 and R=4 realizations, vs. a matmul peak.
+
+Usage:
+  python benchmarks/train_step.py [--quick] [--models=conv4,conv8] [--width=1.0]
+
+Prints ONE JSON document to stdout (logs go to stderr). For every model it builds the
+production step exactly as `card_jax.train` does (`train.build_experiment` on a config derived
+from configs/smoke.py, then `train.CompiledSteps`), on synthetic 32x32x3 data with 10 classes
+at batch 128, for R=1 and R=4 with strategy 'auto' (what users get) and, for conv4, R=4 with
+'vmap' for comparison. It reports:
+
+  step_s                          median seconds per [R] step over the timed rounds
+  images_per_s_per_realization    batch / step_s: how fast each seed trains
+  images_per_s_total              R * batch / step_s
+  flops_per_step / _per_image     `card_jax.flops.count_flops` of the jitted [R] step
+                                  (forward + backward + update, matmuls and convs)
+  achieved_gflops, fraction_of_peak   against the fp32 matmul peak measured in this process
+  r4_over_r1                      per-realization img/s at R=4 over R=1 (target >= 0.9)
+  r4_total_over_r1                R=4's total img/s over R=1's: 1.0 means R seeds in one step
+                                  cost the same as R separate runs (DESIGN: never worse)
+
+Variants are timed round-robin (R=1, R=4, ..., matmul peak, then reversed) so that load from
+other processes on a shared machine hits all of them alike; ratios also come as the median of
+per-round ratios ("paired_median"), which cancels slow drifts in machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import pathlib
+import sys
+import time
+from typing import Any
+
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # run as a script: make card_jax, configs and benchmarks importable
+    sys.path.insert(0, str(_REPO))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from card_jax import config_util, flops, train  # noqa: E402
+
+log = logging.getLogger("card_jax.benchmarks.train_step")
+
+TARGET_R4_OVER_R1 = 0.9
+SMOKE_CONFIG = str(_REPO / "configs" / "smoke.py")
+IMAGE_SIZE = 32
+CHANNELS = 3
+NUM_CLASSES = 10
+
+
+def make_config(model: str, width: float, realizations: int, strategy: str, batch_size: int,
+                train_size: int):
+    """configs/smoke.py turned into a CIFAR-shaped run of `model` (synthetic data).
+
+    Overrides go through `config_util.resolve_override`, like `--config.x.y=v` on the command
+    line, so a renamed config key fails here loudly instead of being silently added.
+    """
+    config = config_util.load_config_file(SMOKE_CONFIG)
+    overrides = {
+        "data.name": "synthetic",
+        "data.pad_to": 0,
+        "data.crop_padding": 4,  # the CIFAR setting (smoke.py uses 2 for its 16x16 images)
+        "data.synthetic.image_size": IMAGE_SIZE,
+        "data.synthetic.channels": CHANNELS,
+        "data.synthetic.num_classes": NUM_CLASSES,
+        "data.synthetic.train_size": train_size,
+        "model.name": model,
+        "model.kw.width": float(width),
+        "model.kw.image_size": IMAGE_SIZE,
+        "train.batch_size": batch_size,
+        "train.realizations": realizations,
+        "train.strategy": strategy,
+        "train.steps": 1000,  # only shapes the LR schedule; the benchmark runs its own steps
+    }
+    for dotted, value in overrides.items():
+        parent, key = config_util.resolve_override(config, dotted)
+        parent[key] = value
+    return config
+
+
+@dataclasses.dataclass
+class Variant:
+    """One compiled production step with its device-resident state and data."""
+
+    name: str
+    realizations: int
+    strategy_requested: str
+    strategy: str
+    batch_size: int
+    compiled: train.CompiledSteps
+    state: Any
+    images: jax.Array
+    labels: jax.Array
+    flops_per_step: int
+    first_call_s: float
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` consecutive steps (state threaded, as in training)."""
+        def go():
+            for _ in range(steps):
+                # The step donates its state: keep only the new one.
+                self.state, metrics = self.compiled.train(self.state, self.images, self.labels)
+            return self.state, metrics
+
+        seconds, _ = common.timed(go)
+        return seconds / steps
+
+
+def prepare(name: str, model: str, width: float, realizations: int, strategy: str,
+            args: argparse.Namespace) -> Variant:
+    """Builds, FLOP-counts, compiles and warms up one variant."""
+    config = make_config(model, width, realizations, strategy, args.batch_size, args.train_size)
+    exp = train.build_experiment(config)
+    compiled = train.CompiledSteps(exp)
+    state = compiled.place_state(exp.state)
+    images, labels = compiled.place_data(exp.dataset.train_images,
+                                         exp.dataset.train_labels.astype(np.int32))
+    # Counted on the very function that is timed (tracing only; nothing runs or is donated).
+    step_flops = flops.count_flops(compiled.train, state, images, labels)
+    variant = Variant(name, realizations, strategy, compiled.strategy, args.batch_size, compiled,
+                      state, images, labels, step_flops, first_call_s=0.0)
+    variant.first_call_s = variant.run(1)  # compile + one step
+    for _ in range(args.warmup):
+        variant.run(1)
+    log.info("%s %s: R=%d strategy=%s, first call %.1fs, %.3f GFLOP/step", model, name,
+             realizations, compiled.strategy, variant.first_call_s, step_flops / 1e9)
+    return variant
+
+
+def summarize(v: Variant, seconds: list[float], peak_gflops: float) -> dict[str, Any]:
+    step_s = common.median(seconds)
+    achieved = v.flops_per_step / step_s / 1e9
+    return {
+        "realizations": v.realizations,
+        "strategy_requested": v.strategy_requested,
+        "strategy": v.strategy,
+        "first_call_s": round(v.first_call_s, 3),
+        "step_s": step_s,
+        "step_s_min": min(seconds),
+        "step_s_samples": [round(s, 5) for s in seconds],
+        "images_per_s_per_realization": v.batch_size / step_s,
+        "images_per_s_total": v.realizations * v.batch_size / step_s,
+        "flops_per_step": v.flops_per_step,
+        "flops_per_image": v.flops_per_step // (v.realizations * v.batch_size),
+        "achieved_gflops": achieved,
+        "fraction_of_peak": achieved / peak_gflops,
+    }
+
+
+def ratio_entry(r1: list[float], rn: list[float], scale: float, definition: str) -> dict[str, Any]:
+    """`scale * t1 / tR` from medians, and the median of the per-round (paired) ratios."""
+    value = scale * common.median(r1) / common.median(rn)
+    paired = common.median([scale * a / b for a, b in zip(r1, rn)])
+    return {"value": value, "paired_median": paired, "definition": definition,
+            "target": TARGET_R4_OVER_R1, "met": bool(value >= TARGET_R4_OVER_R1)}
+
+
+def bench_model(model: str, args: argparse.Namespace, peak_sample) -> tuple[dict, list[float]]:
+    plan = [("r1", 1, "auto"), ("r4", 4, "auto")]
+    if model == "conv4" and not args.no_vmap:
+        plan.append(("r4_vmap", 4, "vmap"))
+    variants = {name: prepare(name, model, args.width, r, s, args) for name, r, s in plan}
+
+    def best_peak() -> float:
+        return max(peak_sample() for _ in range(args.matmul_samples))
+
+    timers = {name: (lambda v=v: v.run(args.steps_per_rep)) for name, v in variants.items()}
+    timers["matmul_peak_gflops"] = best_peak
+    samples = common.interleave(timers, args.reps)
+    peaks = samples.pop("matmul_peak_gflops")
+    peak = max(peaks)
+
+    runs = {name: summarize(variants[name], samples[name], peak) for name in variants}
+    r1 = variants["r1"]
+    result: dict[str, Any] = {
+        "flops_per_image": r1.flops_per_step // args.batch_size,
+        "gflops_per_image": r1.flops_per_step / args.batch_size / 1e9,
+        "runs": runs,
+        "r4_over_r1": ratio_entry(
+            samples["r1"], samples["r4"], 1.0,
+            "(batch / step_s at R=4, auto) / (batch / step_s at R=1): per-seed training speed"),
+        "r4_total_over_r1": ratio_entry(
+            samples["r1"], samples["r4"], 4.0,
+            "(4 * batch / step_s at R=4, auto) / (batch / step_s at R=1): 4 seeds in one step "
+            "vs 4 separate R=1 runs"),
+    }
+    if "r4_vmap" in samples:
+        result["r4_vmap_over_r1"] = ratio_entry(
+            samples["r1"], samples["r4_vmap"], 1.0,
+            "(batch / step_s at R=4, vmap) / (batch / step_s at R=1, auto)")
+        result["r4_vmap_total_over_r1"] = ratio_entry(
+            samples["r1"], samples["r4_vmap"], 4.0,
+            "(4 * batch / step_s at R=4, vmap) / (batch / step_s at R=1, auto)")
+    return result, peaks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="few repetitions and conv4 only by default (CI smoke: < 60 s)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated; default conv4,conv8 (conv4 with --quick)")
+    p.add_argument("--width", type=float, default=1.0, help="model width multiplier")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-size", type=int, default=512, help="synthetic training examples")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed rounds per variant (default 7; 2 with --quick)")
+    p.add_argument("--steps-per-rep", type=int, default=None,
+                   help="steps per timed sample (default 3; 1 with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps after compiling (default 2; 0 with --quick)")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-samples", type=int, default=None,
+                   help="matmuls per round, best kept (default 3; 2 with --quick)")
+    p.add_argument("--no-vmap", action="store_true", help="skip the conv4 R=4 vmap comparison")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {"models": "conv4" if quick else "conv4,conv8", "reps": 2 if quick else 7,
+                "steps_per_rep": 1 if quick else 3, "warmup": 0 if quick else 2,
+                "matmul_samples": 2 if quick else 3}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    common.setup_logging()
+    args = parse_args(argv)
+    tic = time.perf_counter()
+    env = common.environment()
+    log.info("backend %s (%s), %d device(s); models %s, width %g, batch %d", env["backend"],
+             env["device_kind"], env["device_count"], args.models, args.width, args.batch_size)
+    peak_sample = common.make_matmul_peak(args.matmul_size)
+    models, all_peaks = {}, []
+    for model in args.models:
+        models[model], peaks = bench_model(model, args, peak_sample)
+        all_peaks += peaks
+    doc = {
+        "benchmark": "train_step",
+        "quick": args.quick,
+        "settings": {
+            "batch_size": args.batch_size, "image_shape": [IMAGE_SIZE, IMAGE_SIZE, CHANNELS],
+            "num_classes": NUM_CLASSES, "train_size": args.train_size, "width": args.width,
+            "reps": args.reps, "steps_per_rep": args.steps_per_rep, "warmup": args.warmup,
+            "statistic": "median over reps of seconds per step",
+        },
+        "environment": env,
+        "matmul_peak": {
+            "size": args.matmul_size, "dtype": "float32", "gflops": max(all_peaks),
+            "samples_gflops": [round(p, 2) for p in all_peaks],
+            "statistic": "best of matmul_samples per round, rounds interleaved with the steps",
+        },
+        "models": models,
+        "wall_s": round(time.perf_counter() - tic, 1),
+    }
+    # fraction_of_peak was computed per model against that model's rounds; restate against
+    # the process-wide best so that all models share one yardstick.
+    for result in models.values():
+        for run in result["runs"].values():
+            run["fraction_of_peak"] = run["achieved_gflops"] / doc["matmul_peak"]["gflops"]
+    common.emit_json(doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
