@@ -1,7 +1,10 @@
 """Training-step throughput of Conv-4/Conv-8 for R=1 and R=4 realizations, vs. a matmul peak.
 
 Usage:
-  python benchmarks/train_step.py [--quick] [--models=conv4,conv8] [--width=1.0]
+  python benchmarks/train_step.py [--quick] [--models=conv4,conv8] [--width=1.0] [--[no-]vmap]
+
+`--quick` (CI smoke, conv4 only, < 60 s at full width on 2 CPU cores): 2 rounds of 1 step,
+no warm-up steps, and no vmap comparison unless `--vmap` is given.
 
 Prints ONE JSON document to stdout (logs go to stderr). For every model it builds the
 production step exactly as `card_jax.train` does (`train.build_experiment` on a config derived
@@ -9,6 +12,7 @@ from configs/smoke.py, then `train.CompiledSteps`), on synthetic 32x32x3 data wi
 at batch 128, for R=1 and R=4 with strategy 'auto' (what users get) and, for conv4, R=4 with
 'vmap' for comparison. It reports:
 
+  first_call_s                    compile + the first step
   step_s                          median seconds per [R] step over the timed rounds
   images_per_s_per_realization    batch / step_s: how fast each seed trains
   images_per_s_total              R * batch / step_s
@@ -162,7 +166,7 @@ def ratio_entry(r1: list[float], rn: list[float], scale: float, definition: str)
 
 def bench_model(model: str, args: argparse.Namespace, peak_sample) -> tuple[dict, list[float]]:
     plan = [("r1", 1, "auto"), ("r4", 4, "auto")]
-    if model == "conv4" and not args.no_vmap:
+    if model == "conv4" and args.vmap:
         plan.append(("r4_vmap", 4, "vmap"))
     variants = {name: prepare(name, model, args.width, r, s, args) for name, r, s in plan}
 
@@ -217,12 +221,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-samples", type=int, default=None,
                    help="matmuls per round, best kept (default 3; 2 with --quick)")
-    p.add_argument("--no-vmap", action="store_true", help="skip the conv4 R=4 vmap comparison")
+    p.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time conv4 at R=4 with strategy 'vmap' (default: on, off with "
+                        "--quick: on XLA:CPU its grouped convolutions make it the slowest "
+                        "variant by far, ~30 s of a full-width quick run)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"models": "conv4" if quick else "conv4,conv8", "reps": 2 if quick else 7,
                 "steps_per_rep": 1 if quick else 3, "warmup": 0 if quick else 2,
-                "matmul_samples": 2 if quick else 3}
+                "matmul_samples": 2 if quick else 3, "vmap": not quick}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -45,6 +45,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.getLogger("card_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     import jax  # after flag parsing, so --help stays fast
 
     if _COORDINATOR.value:

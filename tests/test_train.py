@@ -135,3 +135,14 @@ def test_export_keys_and_values(tmp_path):
     exp, arrays = _final_params(tmp_path)
     assert "r0/convs/0/kernel" in arrays and "r1/linears/2/kernel" in arrays
     assert arrays["r0/convs/0/kernel"].shape[:3] == (3, 3, 3)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_default_config_smoke_variant_on_fashion_mnist(tmp_path):
+    out = run_cli("--config=configs/default.py:smoke", f"--workdir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dataset"]["image_shape"] == [32, 32, 1]
+    assert results["steps"] == [20, 20]
+    assert min(results["clean_acc"]) > 0.2  # 20 steps on 10 classes: clearly above chance

@@ -1,0 +1,382 @@
+"""Mask math on parameter pytrees: which leaves are prunable, exact top-k masks, reports.
+
+Pure, jittable building blocks shared by every compression method (SPEC §2-§5, DESIGN §5.2).
+Masks always have the full params structure with bool leaves; non-prunable leaves are all True.
+
+Counting rule (used everywhere, SPEC §2(d) "keep exactly numel - int((1 - k) numel)"):
+  a group of n weights at sparsity s (fraction REMOVED) keeps exactly
+
+      keep_count(n, s) = n - floor(s * n)
+
+  weights. "Group" is one leaf for layerwise masks and the union of all prunable leaves for
+  global masks, so layerwise masks are exact to the weight in every layer and global masks are
+  exact overall. `floor` is evaluated in float64 with a 1e-9 relative tolerance so that e.g.
+  0.29 * 100 = 28.999999999999996 removes 29 weights, not 28. Sparsities are Python floats,
+  so counts are static Python ints; anything that varies during training (GMP, the global
+  EP/BP warm-up) precomputes its counts on the host and indexes them with the step (`*_n`
+  functions take counts, possibly traced int32 scalars).
+
+Ranking and ties: a mask keeps the k largest scores. Ties at the threshold are broken by flat
+index, lower index kept first. The flat index of a global mask runs over the prunable leaves in
+`jax.tree.leaves` order (dict keys sorted), row-major inside each leaf. The ranking never
+sorts: the k-th largest value is found exactly by a 32-step bisection over the order-preserving
+uint32 encoding of float32 (each step is one fused compare-and-count pass over the weights),
+then ties at the threshold are resolved with one cumulative sum. That is O(32 n) with no sort,
+cheap enough for edge-popup/biprop, which recompute their mask at every forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+Mask = Any     # params structure, bool leaves
+Prunable = Any  # params structure, Python bool leaves (static)
+
+# Relative tolerance of the floor in keep_count (see module docstring).
+_COUNT_TOL = 1e-9
+
+
+# --------------------------------------------------------------------------- paths / leaves
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'/'-joined keys of a pytree path, e.g. 'convs/0/kernel'. The names used in reports."""
+    return "/".join(_key_name(e) for e in path)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    # Works for arrays, ShapeDtypeStructs (nnx.eval_shape) and Python scalars.
+    return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def _size(x: Any) -> int:
+    return int(np.prod(_shape(x), dtype=np.int64))
+
+
+def _all_prunable(tree: Any) -> Prunable:
+    return jax.tree.map(lambda _: True, tree)
+
+
+def _prunable_or_all(tree: Any, prunable: Prunable | None) -> Prunable:
+    # `None` means "every leaf": the literal-tree convention of the mask functions. Methods
+    # always pass an explicit `prunable_tree(params)`.
+    return _all_prunable(tree) if prunable is None else prunable
+
+
+# --------------------------------------------------------------------------- prunable leaves
+
+def numeric_path_key(path: str) -> tuple:
+    """Sort key that orders digit runs numerically ('layers/10' after 'layers/2')."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                 for t in re.split(r"(\d+)", path) if t)
+
+
+def path_layer_order(params: Params) -> tuple[str, ...]:
+    """Kernel paths (ndim >= 2) sorted numerically-aware by path.
+
+    Equals the network order only when the path names follow it (Conv-k: 'convs/*' then
+    'linears/*'). It is WRONG for this repo's ResNets ('blocks/*' sorts before the stem
+    'conv1') and VGGs ('fc' sorts before 'layers/*'); use `forward_layer_order` there.
+    """
+    paths = [path_str(p) for p, x in jax.tree.flatten_with_path(params)[0] if len(_shape(x)) >= 2]
+    return tuple(sorted(paths, key=numeric_path_key))
+
+
+def forward_layer_order(fn: Callable[..., Any], params: Params, *args: Any) -> tuple[str, ...]:
+    """Kernel paths (ndim >= 2) in the order the forward pass `fn(params, *args)` first uses them.
+
+    Traces `fn` once with `jax.make_jaxpr` (no FLOPs) and records, for each kernel, the first
+    primitive that reads it, descending into nested jaxprs (jit, custom_jvp, ...) whose inputs
+    map one-to-one onto the equation's inputs. `fn` must be the plain dense forward (e.g.
+    `lambda p, x: merge_model(graphdef, p, batch_stats)(x, train=False)`), not one that applies
+    a mask first: a mask reads every kernel up front, in flatten order. Kernels `fn` never
+    reads are appended in `path_layer_order`.
+    """
+    from jax.extend import core as jcore
+
+    flat, _ = jax.tree.flatten_with_path(params)
+    names = [path_str(p) for p, _ in flat]
+    closed = jax.make_jaxpr(lambda leaves, *a: fn(jax.tree.unflatten(
+        jax.tree.structure(params), leaves), *a))([x for _, x in flat], *args)
+    env = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(flat)])}
+    order: list[int] = []
+
+    def visit(jaxpr, env):
+        for eqn in jaxpr.eqns:
+            inner = [p.jaxpr if isinstance(p, jcore.ClosedJaxpr) else p
+                     for p in eqn.params.values() if isinstance(p, (jcore.ClosedJaxpr, jcore.Jaxpr))]
+            inner = [j for j in inner if len(j.invars) == len(eqn.invars)]
+            if inner:
+                for j in inner:
+                    visit(j, {iv: env[ov] for iv, ov in zip(j.invars, eqn.invars)
+                              if not isinstance(ov, jcore.Literal) and ov in env})
+            else:
+                order.extend(env[v] for v in eqn.invars
+                             if not isinstance(v, jcore.Literal) and v in env)
+
+    visit(closed.jaxpr, env)
+    seen: dict[str, None] = {}
+    for i in order:
+        if len(_shape(flat[i][1])) >= 2:
+            seen.setdefault(names[i], None)
+    rest = [p for p in path_layer_order(params) if p not in seen]
+    return tuple(seen) + tuple(rest)
+
+
+def prunable_tree(
+    params: Params,
+    *,
+    first_layer: bool = True,
+    last_layer: bool = True,
+    layer_order: Sequence[str] | None = None,
+) -> Prunable:
+    """Static bool tree: True for conv/dense kernels (ndim >= 2), False for biases and BN.
+
+    Args:
+      params: params pytree (arrays or ShapeDtypeStructs; only shapes are read).
+      first_layer / last_layer: False keeps the first / last kernel of the NETWORK dense
+        (e.g. open_lth's VGG ignores 'fc'). Which kernel is first/last comes from
+        `layer_order`; flatten order is not network order (dict keys sort 'blocks' < 'conv1'
+        and '10' < '2'), so excluding a layer without `layer_order` is an error.
+      layer_order: '/'-joined kernel paths in network order, from `forward_layer_order`
+        (exact, traced from the model) or `path_layer_order` (numeric-aware path sort, only
+        right when the names follow the network).
+
+    Returns:
+      Python bools in the params structure (usable as a static `optax.masked` mask).
+    """
+    flat, treedef = jax.tree.flatten_with_path(params)
+    flags = {path_str(p): len(_shape(x)) >= 2 for p, x in flat}
+    if not (first_layer and last_layer):
+        if layer_order is None:
+            raise ValueError(
+                "prunable_tree: excluding the first/last layer needs layer_order (network order "
+                "of the kernels); get it from masks.forward_layer_order(forward_fn, params, x)")
+        order = [p for p in layer_order if flags.get(p)]
+        missing = sorted(p for p, f in flags.items() if f and p not in set(order))
+        unknown = sorted(set(layer_order) - set(flags))
+        if missing or unknown:
+            raise ValueError(f"layer_order does not match the kernels of params: "
+                             f"missing {missing}, unknown {unknown}")
+        if not first_layer and order:
+            flags[order[0]] = False
+        if not last_layer and order:
+            flags[order[-1]] = False
+    return jax.tree.unflatten(treedef, [flags[path_str(p)] for p, _ in flat])
+
+
+# --------------------------------------------------------------------------- counting
+
+def keep_count(n: int, sparsity: float) -> int:
+    """Weights kept out of `n` at `sparsity` (fraction removed): n - floor(s n), exact."""
+    s = float(sparsity)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1] (fraction REMOVED), got {sparsity!r}")
+    removed = math.floor(s * n * (1.0 + _COUNT_TOL))
+    return int(n - min(removed, n))
+
+
+def num_prunable(params: Params, prunable: Prunable | None = None) -> int:
+    """Total number of weights in the prunable leaves."""
+    prunable = _prunable_or_all(params, prunable)
+    return sum(_size(x) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(prunable)) if f)
+
+
+def layer_keep_counts(params: Params, sparsity: float, prunable: Prunable | None = None) -> Any:
+    """Per-leaf keep counts (Python ints; leaf size for non-prunable leaves), params structure."""
+    prunable = _prunable_or_all(params, prunable)
+    return jax.tree.map(lambda x, f: keep_count(_size(x), sparsity) if f else _size(x),
+                        params, prunable)
+
+
+# --------------------------------------------------------------------------- exact top-k
+
+def _ordered_u32(x: jax.Array) -> jax.Array:
+    """Order-preserving map float32 -> uint32 (a < b  <=>  key(a) < key(b) for non-NaN)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _count(keys: list[jax.Array], pred: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    return sum(jnp.sum(pred(k), dtype=jnp.int32) for k in keys)
+
+
+def _topk_flat(values: list[jax.Array], k: jax.Array | int) -> list[jax.Array]:
+    """Bool masks keeping exactly the k largest of the concatenation of `values` (ties: lower
+    flat index first). `k` may be traced; it is clipped to [0, total]."""
+    keys = [_ordered_u32(v.ravel()) for v in values]
+    total = sum(int(v.size) for v in values)
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
+
+    # Largest threshold t with count(key >= t) >= k, found bit by bit from the MSB; the count
+    # is monotone in t, so greedy bit setting gives exactly the key of the k-th largest value.
+    def body(i, t):
+        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(_count(keys, lambda x: x >= cand) >= k, cand, t)
+
+    t = jax.lax.fori_loop(0, 32, body, jnp.uint32(0))
+    need = k - _count(keys, lambda x: x > t)  # how many threshold ties to keep
+    masks, offset = [], jnp.int32(0)
+    for key, v in zip(keys, values):
+        tie = key == t
+        rank = jnp.cumsum(tie, dtype=jnp.int32) + offset  # 1-based over all leaves
+        masks.append(((key > t) | (tie & (rank <= need))).reshape(v.shape))
+        offset = offset + jnp.sum(tie, dtype=jnp.int32)
+    return masks
+
+
+def topk_leaf_mask(x: jax.Array, k: jax.Array | int) -> jax.Array:
+    """Bool mask of x's shape keeping exactly its k largest entries (ties: lower index kept)."""
+    return _topk_flat([jnp.asarray(x)], k)[0]
+
+
+def topk_mask_n(scores: Any, n_keep: Any, prunable: Prunable | None = None) -> Mask:
+    """Per-leaf top-k: leaf i keeps its `n_keep[i]` largest scores (counts may be traced)."""
+    prunable = _prunable_or_all(scores, prunable)
+    return jax.tree.map(
+        lambda s, k, f: topk_leaf_mask(s, k) if f else jnp.ones(jnp.shape(s), bool),
+        scores, n_keep, prunable)
+
+
+def global_topk_mask_n(scores: Any, n_keep: jax.Array | int,
+                       prunable: Prunable | None = None) -> Mask:
+    """One ranking over all prunable leaves: keeps exactly `n_keep` (may be traced) scores."""
+    prunable = _prunable_or_all(scores, prunable)
+    leaves, treedef = jax.tree.flatten(scores)
+    flags = jax.tree.leaves(prunable)
+    picked = _topk_flat([jnp.asarray(s) for s, f in zip(leaves, flags) if f], n_keep)
+    it = iter(picked)
+    return jax.tree.unflatten(
+        treedef, [next(it) if f else jnp.ones(jnp.shape(s), bool) for s, f in zip(leaves, flags)])
+
+
+def topk_mask(scores: Any, sparsity: float, prunable: Prunable | None = None) -> Mask:
+    """Per-leaf top-k of the raw `scores`: each prunable leaf keeps keep_count(size, sparsity)."""
+    return topk_mask_n(scores, layer_keep_counts(scores, sparsity, prunable), prunable)
+
+
+def global_topk_mask(scores: Any, sparsity: float, prunable: Prunable | None = None) -> Mask:
+    """Global top-k of the raw `scores`: keeps keep_count(total prunable, sparsity) overall."""
+    return global_topk_mask_n(scores, keep_count(num_prunable(scores, prunable), sparsity),
+                              prunable)
+
+
+# --------------------------------------------------------------------------- magnitude
+
+def magnitude_scores(params: Params, existing_mask: Mask | None = None) -> Any:
+    """|w|, with already-pruned weights (existing_mask False) set to -1 so they rank last."""
+    # Already-pruned weights rank below every surviving one (-1 < |w|), whatever value the raw
+    # parameter holds, so the new mask is a subset of the old one (monotone, SPEC §5(d)).
+    if existing_mask is None:
+        return jax.tree.map(jnp.abs, params)
+    return jax.tree.map(lambda p, m: jnp.where(m, jnp.abs(p), -1.0), params, existing_mask)
+
+
+def _and(mask: Mask, existing_mask: Mask | None) -> Mask:
+    # Guarantees monotonicity even if more weights are requested than survive.
+    return mask if existing_mask is None else jax.tree.map(jnp.logical_and, mask, existing_mask)
+
+
+def layerwise_magnitude_mask(params: Params, sparsity: float, prunable: Prunable | None = None,
+                             existing_mask: Mask | None = None) -> Mask:
+    """Each prunable leaf keeps its keep_count(size, sparsity) largest |w|.
+
+    `sparsity` is the TOTAL target of each leaf (not a fraction of the survivors). With
+    `existing_mask`, pruned weights stay pruned. `prunable=None` prunes every leaf (literal
+    trees); for a model pass `prunable_tree(params)`.
+    """
+    return _and(topk_mask(magnitude_scores(params, existing_mask), sparsity, prunable), existing_mask)
+
+
+def global_magnitude_mask(params: Params, sparsity: float, prunable: Prunable | None = None,
+                          existing_mask: Mask | None = None) -> Mask:
+    """One |w| threshold over all prunable leaves, keeping keep_count(total, sparsity) weights.
+
+    No per-layer normalisation (unlike jaxpruner's default, SPEC §11(c)): this is open_lth's
+    global magnitude pruning, with our exact counting rule instead of its ceil / strict `>`.
+    """
+    return _and(global_topk_mask(magnitude_scores(params, existing_mask), sparsity, prunable),
+                existing_mask)
+
+
+def magnitude_mask(params: Params, sparsity: float, prunable: Prunable | None, scope: str,
+                   existing_mask: Mask | None = None) -> Mask:
+    """`global_magnitude_mask` or `layerwise_magnitude_mask` by `scope`."""
+    if scope == "global":
+        return global_magnitude_mask(params, sparsity, prunable, existing_mask)
+    if scope == "layerwise":
+        return layerwise_magnitude_mask(params, sparsity, prunable, existing_mask)
+    raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+
+
+# --------------------------------------------------------------------------- apply / report
+
+def ones_mask(params: Params) -> Mask:
+    """All-True mask in the params structure."""
+    return jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
+
+
+def apply_mask(params: Params, mask: Mask) -> Params:
+    """Zeroes masked-out weights exactly (+0.0, even for inf/NaN, unlike `params * mask`)."""
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, mask)
+
+
+def sparsity_of(mask: Mask, prunable: Prunable | None = None) -> jax.Array:
+    """Global fraction of prunable weights removed, as a jittable float32 scalar."""
+    prunable = _prunable_or_all(mask, prunable)
+    pairs = [(m, f) for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f]
+    total = sum(int(m.size) for m, _ in pairs)
+    if total == 0:
+        return jnp.float32(0.0)
+    kept = sum(jnp.sum(m, dtype=jnp.int32) for m, _ in pairs)
+    return 1.0 - kept.astype(jnp.float32) / total
+
+
+def sparsity_report(mask: Mask, prunable: Prunable | None = None) -> dict:
+    """{'global': float, 'per_layer': {path: float}} over the prunable leaves (open_lth's
+    sparsity_report). Host-side: reads concrete values (index out one realization first)."""
+    prunable = _prunable_or_all(mask, prunable)
+    flat = jax.tree.flatten_with_path(mask)[0]
+    per_layer, kept, total = {}, 0, 0
+    for (path, m), f in zip(flat, jax.tree.leaves(prunable)):
+        if not f:
+            continue
+        m = np.asarray(m)
+        n_kept = int(np.count_nonzero(m))
+        per_layer[path_str(path)] = 1.0 - n_kept / m.size if m.size else 0.0
+        kept, total = kept + n_kept, total + int(m.size)
+    return {"global": 1.0 - kept / total if total else 0.0, "per_layer": per_layer}
+
+
+def reset_pruned_optimizer_state(opt_state: Any, mask: Mask) -> Any:
+    """Zeroes the optimizer statistics (momentum, Adam mu/nu) of pruned coordinates.
+
+    Every sub-tree of `opt_state` with the params structure (optax's TraceState.trace,
+    ScaleByAdamState.mu/nu, ...) is masked; counters and other leaves are left alone. Optional:
+    `Method.post_update` already keeps pruned weights at exactly 0 for per-coordinate
+    optimizers. Useful after a GMP mask event or when restoring a state, so stale momentum does
+    not linger. Only for trainable='params' methods: edge-popup/biprop scores of pruned weights
+    must keep their momentum (they can re-enter the mask).
+    """
+    treedef = jax.tree.structure(mask)
+
+    def params_like(node: Any) -> bool:
+        return not isinstance(node, (jax.Array, np.ndarray)) and jax.tree.structure(node) == treedef
+
+    return jax.tree.map(lambda node: apply_mask(node, mask) if params_like(node) else node,
+                        opt_state, is_leaf=params_like)
