@@ -22,7 +22,7 @@ dense forward convolution computes it; so a stride-1 convolution's gradient cost
 padding). `rhs_dilation` (the weight gradient of a strided conv) needs nothing special: the
 kernel's spatial size is already its number of real taps.
 
-Sub-jaxprs are followed: `jit`/`pjit`, `remat`, `custom_jvp_call`/`custom_vjp_call` (the
+Dead code is skipped (see `jaxpr_flops`). Sub-jaxprs are followed: `jit`/`pjit`, `remat`, `custom_jvp_call`/`custom_vjp_call` (the
 primal function), `scan` (body x length), `while` (body x trip count when it is static,
 e.g. a `fori_loop` with literal bounds; otherwise once, with a warning), and `cond` (the most
 expensive branch). Inside `shard_map` the body's per-shard shapes are counted once.
@@ -59,14 +59,36 @@ def count_flops(fn: Callable, *args: Any) -> int:
     return jaxpr_flops(jax.make_jaxpr(fn)(*args))
 
 
-def jaxpr_flops(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> int:
-    """FLOPs of an already traced (closed) jaxpr; see the module docstring for the rules."""
+def jaxpr_flops(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr,
+                used_outputs: list[bool] | None = None) -> int:
+    """FLOPs of an already traced (closed) jaxpr; see the module docstring for the rules.
+
+    Equations whose results are never used (and that have no side effects) are skipped, as
+    XLA's dead-code elimination removes them: `make_jaxpr` does not, and e.g. the primal
+    convolution of a `jax.vjp` whose primal output is discarded would otherwise be counted.
+
+    Args:
+      used_outputs: which outputs the caller consumes; default all.
+    """
     if isinstance(jaxpr, jcore.ClosedJaxpr):
         jaxpr = jaxpr.jaxpr
-    return sum(_eqn_flops(eqn) for eqn in jaxpr.eqns)
+    if used_outputs is None:
+        used_outputs = [True] * len(jaxpr.outvars)
+    live = {v for v, used in zip(jaxpr.outvars, used_outputs)
+            if used and not isinstance(v, jcore.Literal)}
+    total = 0
+    for eqn in reversed(jaxpr.eqns):
+        used = [v in live for v in eqn.outvars]
+        if not (any(used) or eqn.effects):
+            continue
+        total += _eqn_flops(eqn, used)
+        # Conservative: every input of a live equation is live (no per-input pruning
+        # through sub-jaxprs), so at worst some dead code feeding a call is still counted.
+        live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return total
 
 
-def _eqn_flops(eqn: jcore.JaxprEqn) -> int:
+def _eqn_flops(eqn: jcore.JaxprEqn, used: list[bool]) -> int:
     name = eqn.primitive.name
     params = eqn.params
     if name == "dot_general":
@@ -90,7 +112,10 @@ def _eqn_flops(eqn: jcore.JaxprEqn) -> int:
     for key in _PRIMAL_JAXPR_KEYS:
         sub = params.get(key)
         if isinstance(sub, (jcore.Jaxpr, jcore.ClosedJaxpr)):
-            return jaxpr_flops(sub)
+            # Call-like primitives (jit, remat, custom_jvp/vjp_call) return exactly their
+            # sub-jaxpr's outputs, so the caller's use of them carries over.
+            inner = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+            return jaxpr_flops(sub, used if len(inner.outvars) == len(used) else None)
     # Any other higher-order primitive: count every sub-jaxpr it holds.
     return sum(jaxpr_flops(sub) for sub in jcore.jaxprs_in_params(params))
 

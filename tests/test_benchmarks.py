@@ -18,7 +18,7 @@ from tests.helpers import REPO, cli_env
 RUN_KEYS = {
     "realizations", "strategy_requested", "strategy", "first_call_s", "step_s", "step_s_min",
     "step_s_samples", "images_per_s_per_realization", "images_per_s_total", "flops_per_step",
-    "flops_per_image", "achieved_gflops", "fraction_of_peak",
+    "flops_per_image", "achieved_gflops", "fraction_of_peak", "fraction_of_peak_paired",
 }
 RATIO_KEYS = {"value", "paired_median", "definition", "target", "met"}
 
@@ -63,7 +63,7 @@ def test_runs_have_sane_positive_numbers(quick_result):
         assert RUN_KEYS <= set(run), name
         for key in ("first_call_s", "step_s", "step_s_min", "images_per_s_per_realization",
                     "images_per_s_total", "flops_per_step", "achieved_gflops",
-                    "fraction_of_peak"):
+                    "fraction_of_peak", "fraction_of_peak_paired"):
             assert positive(run[key]), (name, key, run[key])
         assert len(run["step_s_samples"]) == quick_result["settings"]["reps"]
         assert run["step_s_min"] <= run["step_s"]

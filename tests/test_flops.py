@@ -100,8 +100,12 @@ def test_custom_vjp_counts_the_primal():
     g.defvjp(lambda a, b: (a @ b, (a, b)), lambda res, ct: (ct @ res[1].T, res[0].T @ ct))
     a, b = jnp.ones((4, 8)), jnp.ones((8, 16))
     assert flops.count_flops(g, a, b) == 1024
-    # Under grad the user's bwd rule is traced inline: forward + two matmuls.
-    assert flops.count_flops(jax.grad(lambda a, b: g(a, b).sum(), argnums=(0, 1)), a, b) == 3072
+    # Under value_and_grad the fwd rule and the user's bwd rule are traced inline:
+    # forward + two matmuls.
+    loss = lambda a, b: g(a, b).sum()  # noqa: E731
+    assert flops.count_flops(jax.value_and_grad(loss, argnums=(0, 1)), a, b) == 3072
+    # jax.grad drops the loss value, and the bwd rule does not need the product: dead code.
+    assert flops.count_flops(jax.grad(loss, argnums=(0, 1)), a, b) == 2048
 
 
 def test_accepts_shape_dtype_structs():
@@ -116,3 +120,15 @@ def test_vmapped_conv_over_weights_scales_with_realizations(strategy_R):
     x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((strategy_R, 3, 3, 3, 4))
     one = flops.count_flops(conv, x, w[0])
     assert flops.count_flops(jax.vmap(conv, in_axes=(None, 0)), x, w) == strategy_R * one
+
+
+def test_dead_code_is_not_counted():
+    x, w = jnp.ones((2, 8, 8, 2)), jnp.ones((3, 3, 2, 4))
+    g = jnp.ones((2, 8, 8, 4))
+    forward = flops.count_flops(conv, x, w)
+    # The vjp's primal conv is traced but its output is discarded; XLA removes it.
+    dgrad = lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]  # noqa: E731
+    assert flops.count_flops(dgrad, x, w, g) == forward
+    # Also inside a jit: only the outputs its caller uses count.
+    both = jax.jit(lambda x, w: (conv(x, w), w.reshape(18, 4) @ jnp.ones((4, 4))))
+    assert flops.count_flops(lambda x, w: both(x, w)[0], x, w) == forward

@@ -10,22 +10,20 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from card_jax.pruning import biprop, edgepopup, magnitude
 from card_jax.pruning.base import Method, current_mask, dense, get_trainable, set_trainable
-from card_jax.pruning.biprop import biprop
-from card_jax.pruning.edgepopup import edge_popup
-from card_jax.pruning.magnitude import fine_tuning, gmp, lrr, lth
 
 __all__ = ["METHODS", "Method", "current_mask", "from_config", "get_trainable",
            "set_trainable"]
 
 METHODS = {
     "dense": dense,
-    "ft": fine_tuning,
-    "gmp": gmp,
-    "lth": lth,
-    "lrr": lrr,
-    "ep": edge_popup,
-    "bp": biprop,
+    "ft": magnitude.fine_tuning,
+    "gmp": magnitude.gmp,
+    "lth": magnitude.lth,
+    "lrr": magnitude.lrr,
+    "ep": edgepopup.edge_popup,
+    "bp": biprop.biprop,
 }
 
 # Facts about the run, not hyper-parameters, that some factories need; `from_config` passes

@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 Params = Any       # pytree of arrays
 MethodState = Any  # pytree of arrays (masks, scores, counters); () for dense training
@@ -108,7 +109,7 @@ def set_trainable(method: Method, params: Params, method_state: MethodState,
 def current_mask(method: Method, params: Params, method_state: MethodState) -> Any:
     """`method.mask(...)`, or all-ones for methods without one (dense)."""
     if method.mask is None:
-        return jax.tree.map(lambda x: jax.numpy.ones(x.shape, bool), params)
+        return jax.tree.map(lambda x: jnp.ones(x.shape, bool), params)
     return method.mask(params, method_state)
 
 

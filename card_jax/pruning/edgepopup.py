@@ -45,7 +45,8 @@ def fan_in(shape: Sequence[int]) -> int:
 
 def _per_leaf_keys(key: jax.Array, tree: Any) -> Any:
     leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(treedef, list(jax.random.split(key, max(len(leaves), 1))[:len(leaves)]))
+    keys = jax.random.split(key, max(len(leaves), 1))[:len(leaves)]
+    return jax.tree.unflatten(treedef, list(keys))
 
 
 def init_weights(params: Any, prunable: Any, key: jax.Array, init: str,

@@ -50,7 +50,7 @@ def _prunable_fn(prune_first_layer: bool, prune_last_layer: bool,
         params, first_layer=prune_first_layer, last_layer=prune_last_layer, layer_order=order)
 
 
-def _masked_method(name: str, prunable, **fields) -> Method:
+def _masked_method(name: str, **fields) -> Method:
     """Shared pieces: the forward sees W * m and every update is re-masked."""
     return Method(
         name=name,
@@ -84,7 +84,7 @@ def fine_tuning(
         mask = masks.magnitude_mask(params, sparsity, prunable(params), scope, ms.mask)
         return masks.apply_mask(params, mask), MaskState(mask)
 
-    return _masked_method("ft", prunable, prune=prune, levels=2)
+    return _masked_method("ft", prune=prune, levels=2)
 
 
 def _imp(name: str, sparsity: float, scope: str, rewind: bool, rewind_step: int,
@@ -110,7 +110,7 @@ def _imp(name: str, sparsity: float, scope: str, rewind: bool, rewind_step: int,
         return masks.apply_mask(params, mask), MaskState(mask)
 
     return _masked_method(
-        name, prunable, prune=prune, levels=len(targets),
+        name, prune=prune, levels=len(targets),
         rewind_step=int(rewind_step) if rewind else None,
         level_start_step=int(rewind_step) if rewind else 0)
 
@@ -232,4 +232,4 @@ def gmp(
         del key
         return step(params, MaskState(masks.ones_mask(params)), jnp.int32(0))
 
-    return _masked_method("gmp", prunable, init=init, step=step)
+    return _masked_method("gmp", init=init, step=step)
