@@ -34,24 +34,23 @@ def flatten_named(tree, prefix: str) -> dict[str, np.ndarray]:
 def load_final_state(workdir: str | pathlib.Path):
     """(experiment, restored `[R]` state) of the newest checkpoint in a workdir."""
     from card_jax import checkpoint as checkpoint_lib
-    from card_jax import train
+    from card_jax import run, train
 
     workdir = pathlib.Path(workdir)
-    config_path = workdir / train.CONFIG_FILE
+    config_path = workdir / run.CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a card_jax workdir?")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text(encoding="utf-8")))
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
-    steps = ckpt.steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    info = json.loads((workdir / train.RESULTS_FILE).read_text(encoding="utf-8"))["dataset"] \
-        if (workdir / train.RESULTS_FILE).exists() else None
-    if info is None:
-        raise FileNotFoundError(f"{workdir / train.RESULTS_FILE} not found: the run has not finished")
+    results_path = workdir / run.RESULTS_FILE
+    if not results_path.exists():
+        raise FileNotFoundError(f"{results_path} not found: the run has not finished")
+    info = json.loads(results_path.read_text(encoding="utf-8"))["dataset"]
     exp = train.build_experiment(config, train.placeholder_dataset(info))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.state)
-    step, state, _ = ckpt.restore_latest(abstract)
+    final = run.level_dir(workdir, len(exp.levels) - 1, len(exp.levels)) / "checkpoints"
+    restored = checkpoint_lib.Checkpointer(final).restore_latest(train.abstract_of(exp.state))
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {final}")
+    _, state, _ = restored
     return exp, state
 
 

@@ -51,14 +51,14 @@ def main(argv: list[str]) -> None:
     if _COORDINATOR.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from card_jax import train
+    from card_jax import checkpoint, run, train
 
     config = _CONFIG.value
     try:
         config_util.refuse_legacy_keys(config)
-        train.train_and_evaluate(config, _WORKDIR.value)
-    except (config_util.ConfigError, train.ConfigMismatchError, FileNotFoundError,
-            ValueError) as e:
+        run.train_and_evaluate(config, _WORKDIR.value)
+    except (config_util.ConfigError, run.ConfigMismatchError, FileNotFoundError,
+            checkpoint.CheckpointError, ValueError) as e:
         logging.error("%s", e)
         sys.exit(EXIT_BAD_INPUT)
     except train.NonFiniteLossError as e:

@@ -46,6 +46,32 @@ def make_schedule(
     return optax.join_schedules([ramp, main], [warmup])
 
 
+def make_direction(
+    name: str,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """The optimizer without its learning rate: the update is `-lr(step) * direction`.
+
+    The training step multiplies by the schedule evaluated at its own step counter, so a level
+    of LTH resumes the schedule at the rewind step and LRR restarts it, with a fresh optimizer
+    state either way (SPEC §4(a)). For SGD this is exactly PyTorch's rule
+    (buf = m * buf + g + wd * w; w -= lr * buf); for AdamW optax's (decay scaled by lr).
+    """
+    if name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+            optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+        )
+    if name == "adamw":
+        return optax.chain(optax.scale_by_adam(),
+                           optax.add_decayed_weights(weight_decay) if weight_decay
+                           else optax.identity())
+    raise ValueError(f"unknown optim.name {name!r}: use sgd or adamw")
+
+
 def make_optimizer(
     name: str,
     schedule: optax.Schedule,
@@ -54,19 +80,15 @@ def make_optimizer(
     nesterov: bool = False,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-    """SGD (PyTorch semantics: decay added to the gradient before momentum) or AdamW."""
-    if name == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-            optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
-        )
-    if name == "adamw":
-        return optax.adamw(schedule, weight_decay=weight_decay)
-    raise ValueError(f"unknown optim.name {name!r}: use sgd or adamw")
+    """A complete optax optimizer: `make_direction` followed by the scheduled learning rate."""
+    return optax.chain(
+        make_direction(name, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+        optax.scale_by_learning_rate(schedule),
+    )
 
 
 def from_config(optim, total_steps: int, steps_per_epoch: int):
-    """(optimizer, schedule) for a `config.optim` block."""
+    """(direction transform, schedule) for a `config.optim` block; see `make_direction`."""
     if not math.isfinite(optim.lr) or optim.lr <= 0:
         raise ValueError(f"optim.lr must be a positive number, got {optim.lr!r}")
     schedule = make_schedule(
@@ -78,9 +100,8 @@ def from_config(optim, total_steps: int, steps_per_epoch: int):
         milestones=tuple(optim.milestones),
         gamma=optim.gamma,
     )
-    tx = make_optimizer(
+    tx = make_direction(
         optim.name,
-        schedule,
         momentum=optim.momentum,
         nesterov=optim.nesterov,
         weight_decay=optim.weight_decay,

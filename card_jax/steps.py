@@ -15,7 +15,7 @@ import optax
 
 from card_jax import state as state_lib
 from card_jax.data import pipeline
-from card_jax.pruning.base import Method
+from card_jax.pruning.base import Method, get_trainable, set_trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +40,23 @@ def make_train_step(
     graphdef,
     method: Method,
     tx: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
     spec: BatchSpec,
     constrain_batch: Callable[[jax.Array], jax.Array] = lambda x: x,
 ) -> Callable:
     """Returns `train_step(state, images, labels) -> (state, metrics)` for one realization.
 
     Args:
+      tx: the optimizer direction (`optim.make_direction`); the update is
+        `-lr_fn(state.step) * direction`, so the schedule follows the step counter that the
+        level loop sets (LTH resumes it at the rewind step, LRR restarts it).
       images: uint8 `[N, H, W, C]`, the whole training set on device (shared by all seeds).
       labels: int32 `[N]`.
       constrain_batch: sharding constraint for the batch `[B, H, W, C]` (data parallelism).
 
+    The optimizer updates `method.trainable` (params, or the scores of EP/BP). After the
+    update the method's per-step hook runs, then `post_update` re-applies its mask, so pruned
+    weights are exactly zero after every step (SPEC §4(d)).
     Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
     """
 
@@ -66,17 +73,23 @@ def make_train_step(
         x = constrain_batch(x)
         y = labels[idx]
 
-        def loss_fn(params):
+        def loss_fn(trainable):
+            params, method_state = set_trainable(method, st.params, st.method_state, trainable)
             logits, batch_stats = forward(
-                graphdef, method, params, st.batch_stats, st.method_state, x, train=True)
+                graphdef, method, params, batch_stats=st.batch_stats,
+                method_state=method_state, x=x, train=True)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (logits, batch_stats)
 
+        trainable = get_trainable(method, st.params, st.method_state)
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            st.params)
-        updates, opt_state = tx.update(grads, st.opt_state, st.params)
-        params = method.post_update(optax.apply_updates(st.params, updates), st.method_state)
-        method_state = method.step(params, st.method_state, st.step + 1)
+            trainable)
+        direction, opt_state = tx.update(grads, st.opt_state, trainable)
+        lr = lr_fn(st.step)
+        trainable = jax.tree.map(lambda p, d: p - lr * d, trainable, direction)
+        params, method_state = set_trainable(method, st.params, st.method_state, trainable)
+        method_state = method.step(params, method_state, st.step + 1)
+        params = method.post_update(params, method_state)
         finite = jnp.isfinite(loss)
         first_bad = jnp.where((st.first_bad_step < 0) & ~finite, st.step, st.first_bad_step)
         new_state = st._replace(
@@ -113,3 +126,22 @@ def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
 def count_prunable(params: Any) -> int:
     """Weights in conv and dense kernels (ndim >= 2); never biases or BatchNorm."""
     return sum(int(x.size) for x in jax.tree.leaves(params) if x.ndim >= 2)
+
+
+def make_bn_step(graphdef, method: Method, spec: BatchSpec) -> Callable:
+    """Returns `bn_step(state, images, labels, i) -> state` for one realization.
+
+    One train-mode forward pass on un-augmented batch `i` that only updates the BatchNorm
+    running statistics (no gradients, weights untouched): the BN re-calibration that EP/BP
+    networks may need after their masks stop changing.
+    """
+
+    def bn_step(st: state_lib.TrainState, images, labels, i):
+        del labels
+        idx = pipeline.batch_indices(pipeline.order_key(spec.data_seed, st.seed), i,
+                                     spec.num_examples, spec.batch_size)
+        _, batch_stats = forward(graphdef, method, st.params, st.batch_stats, st.method_state,
+                                 pipeline.to_float(images[idx]), train=True)
+        return st._replace(batch_stats=batch_stats)
+
+    return bn_step

@@ -1,25 +1,18 @@
-"""The training loop for R realizations at once, with checkpoints, resume and metrics.
+"""One training level for R realizations at once: compile, resume, step, log, checkpoint.
 
-Side effects (files, logging) live here and in main.py; the step functions it compiles come
-from the pure modules `steps`, `pruning`, `models` and `data.pipeline`.
-
-Workdir contract (read by export, report and launch):
-  config.json      the resolved config
-  metrics.jsonl    {"step", "level", "split", "name", "value": [R floats]} records
-  tensorboard/     TensorBoard event files
-  checkpoints/     Orbax checkpoints (step_XXXXXXXX/), newest K kept
-  results.json     per-realization lists; written last, so its presence means "done"
+`card_jax.run` owns the level loop (LTH/LRR/FT) and the results; this module owns the step
+loop of one level. Side effects are limited to the level's checkpoint directory, the metric
+writer and logging; the compiled steps come from the pure modules `steps`, `pruning`,
+`models` and `data.pipeline`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,50 +20,43 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import card_jax
 from card_jax import checkpoint as checkpoint_lib
-from card_jax import config_util, optim, pruning, realizations, steps, writer as writer_lib
+from card_jax import config_util, models, optim, pruning, realizations, steps
 from card_jax import state as state_lib
+from card_jax import writer as writer_lib  # noqa: F401  (type of LevelContext.writer)
 from card_jax.data import sources
 from card_jax.progress import Progress
-from card_jax import models
 
 log = logging.getLogger("card_jax")
-
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the realization."""
 
 
-class ConfigMismatchError(ValueError):
-    """The workdir holds a run of a different config."""
+@dataclasses.dataclass(frozen=True)
+class LevelPlan:
+    """One training run of a level: steps [start, end) with the LR `lr_fn(step)`."""
+
+    index: int
+    start: int
+    end: int
+    lr_fn: Callable[[jax.Array], jax.Array]
 
 
 @dataclasses.dataclass
 class Experiment:
-    """Everything built from a config before the loop starts (no training done yet)."""
+    """Everything built from a config before any training (no side effects)."""
 
     config: ml_collections.ConfigDict
     dataset: sources.Dataset
     graphdef: Any
     method: pruning.Method
-    tx: Any
-    schedule: Any
-    state: state_lib.TrainState     # host arrays, leading [R] axis
+    tx: Any                         # optimizer direction; the LR comes from the level plan
+    state: state_lib.TrainState     # host arrays with a leading [R] axis: level 0's start
     steps_per_epoch: int
     total_steps: int
-
-
-def package_versions() -> dict[str, str]:
-    import flax
-    import optax
-
-    return {"card_jax": card_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "orbax-checkpoint": checkpoint_lib.ORBAX_VERSION,
-            "numpy": np.__version__}
+    levels: list[LevelPlan]
 
 
 def _take(images: np.ndarray, labels: np.ndarray, count: int, what: str):
@@ -96,13 +82,6 @@ def load_data(data_config) -> sources.Dataset:
                                test_images=test_x, test_labels=test_y)
 
 
-def build_model(config, dataset: sources.Dataset, key: jax.Array) -> nnx.Module:
-    return models.build(
-        config.model.name, num_classes=dataset.num_classes,
-        in_channels=dataset.train_images.shape[-1], mean=tuple(dataset.mean),
-        std=tuple(dataset.std), rngs=nnx.Rngs(params=key), **config.model.kw.to_dict())
-
-
 def dataset_info(ds: sources.Dataset) -> dict:
     """What a workdir needs to rebuild its model without loading the data again."""
     return {"name": ds.name, "num_classes": ds.num_classes,
@@ -112,36 +91,68 @@ def dataset_info(ds: sources.Dataset) -> dict:
 
 
 def placeholder_dataset(info: dict) -> sources.Dataset:
-    """A Dataset with the recorded shapes and constants but no examples (for export/restore)."""
+    """A Dataset with the recorded shapes and constants but no pixels (export, restore)."""
     shape = tuple(info["image_shape"])
-    empty_x = np.zeros((info["num_train"],) + shape, np.uint8)
     return sources.Dataset(
-        name=info["name"], train_images=empty_x,
+        name=info["name"], train_images=np.zeros((info["num_train"],) + shape, np.uint8),
         train_labels=np.zeros((info["num_train"],), np.int32),
         test_images=np.zeros((0,) + shape, np.uint8), test_labels=np.zeros((0,), np.int32),
         num_classes=info["num_classes"], mean=tuple(info["mean"]), std=tuple(info["std"]))
+
+
+def build_model(config, dataset: sources.Dataset, key: jax.Array) -> nnx.Module:
+    return models.build(
+        config.model.name, num_classes=dataset.num_classes,
+        in_channels=dataset.train_images.shape[-1], mean=tuple(dataset.mean),
+        std=tuple(dataset.std), rngs=nnx.Rngs(params=key), **config.model.kw.to_dict())
 
 
 def realization_seeds(config) -> list[int]:
     return [config.seed + r for r in range(config.train.realizations)]
 
 
-def init_realization(config, dataset, method, tx, seed: int):
-    """One realization's initial (graphdef, TrainState); depends only on `seed` and the config."""
-    seed_key = jax.random.key(seed)
-    model = build_model(config, dataset, jax.random.fold_in(seed_key, state_lib.INIT_STREAM))
-    graphdef, params, batch_stats = state_lib.split_model(model)
-    method_state = method.init(params, jax.random.fold_in(seed_key, state_lib.METHOD_STREAM))
-    params = method.post_update(params, method_state)
-    st = state_lib.TrainState(
-        params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-        method_state=method_state, step=jnp.int32(0), seed=jnp.int32(seed),
-        first_bad_step=jnp.int32(-1))
-    return graphdef, st
+def _init_model(config, dataset, seed: int):
+    """(graphdef, params, batch_stats) of realization `seed`, initialised inside one jit.
+
+    Eager initialisation compiles every random op separately (seconds per layer on CPU).
+    """
+    graphdefs = []
+
+    def init(seed_key):
+        model = build_model(config, dataset, jax.random.fold_in(seed_key, state_lib.INIT_STREAM))
+        graphdef, params, batch_stats = state_lib.split_model(model)
+        graphdefs.append(graphdef)
+        return params, batch_stats
+
+    params, batch_stats = jax.jit(init)(jax.random.key(seed))
+    return graphdefs[0], params, batch_stats
+
+
+def _layer_order(graphdef, params, batch_stats, dataset) -> tuple[str, ...]:
+    x = jnp.zeros((1,) + dataset.train_images.shape[1:], jnp.float32)
+    forward = lambda p, x: state_lib.merge_model(graphdef, p, batch_stats)(x, train=False)  # noqa: E731
+    return pruning.masks.forward_layer_order(forward, params, x)
+
+
+def level_plans(config, method: pruning.Method, schedule, total: int,
+                steps_per_epoch: int) -> list[LevelPlan]:
+    """Level 0 trains [0, T); LTH levels resume at k, LRR restart at 0, FT fine-tunes."""
+    plans = [LevelPlan(0, 0, total, schedule)]
+    for level in range(1, method.levels):
+        if method.name == "ft":
+            epochs = config.method.finetune_epochs
+            epochs = config.train.epochs / 4 if epochs < 0 else epochs
+            length = max(int(round(epochs * steps_per_epoch)), 1)
+            lr = config.method.finetune_lr
+            lr = config.optim.lr / 100 if lr < 0 else lr
+            plans.append(LevelPlan(level, 0, length, lambda step, lr=lr: jnp.float32(lr)))
+        else:
+            plans.append(LevelPlan(level, method.level_start_step, total, schedule))
+    return plans
 
 
 def build_experiment(config, dataset: sources.Dataset | None = None) -> Experiment:
-    """Data, model, method, optimizer and the initial `[R]`-stacked state for a config."""
+    """Data, model, method, optimizer, level plans and the initial `[R]`-stacked state."""
     config_util.refuse_legacy_keys(config)
     dataset = dataset or load_data(config.data)
     batch_size = config.train.batch_size
@@ -154,42 +165,66 @@ def build_experiment(config, dataset: sources.Dataset | None = None) -> Experime
     if total <= 0:
         raise ValueError("training has no steps: set train.epochs > 0 or train.steps > 0")
     tx, schedule = optim.from_config(config.optim, total, steps_per_epoch)
-    method = pruning.from_config(config.method)
-    inits = [init_realization(config, dataset, method, tx, s) for s in realization_seeds(config)]
-    state = jax.device_get(state_lib.stack([st for _, st in inits]))
-    return Experiment(config, dataset, inits[0][0], method, tx, schedule, state,
-                      steps_per_epoch, total)
+
+    inits = [_init_model(config, dataset, s) for s in realization_seeds(config)]
+    graphdef = inits[0][0]
+    order = None
+    if not (config.method.prune_first_layer and config.method.prune_last_layer):
+        order = _layer_order(graphdef, inits[0][1], inits[0][2], dataset)
+    method = pruning.from_config(config.method, steps_per_epoch=steps_per_epoch,
+                                 total_steps=total, layer_order=order)
+
+    @jax.jit
+    def init_method(params, seed):
+        key = jax.random.fold_in(jax.random.key(seed), state_lib.METHOD_STREAM)
+        params = method.init_params(params, jax.random.fold_in(key, 0))
+        method_state = method.init(params, jax.random.fold_in(key, 1))
+        params = method.post_update(params, method_state)
+        opt_state = tx.init(pruning.get_trainable(method, params, method_state))
+        return params, method_state, opt_state
+
+    states = []
+    for seed, (_, params, batch_stats) in zip(realization_seeds(config), inits):
+        params, method_state, opt_state = init_method(params, seed)
+        states.append(state_lib.TrainState(
+            params=params, batch_stats=batch_stats, opt_state=opt_state,
+            method_state=method_state, step=jnp.int32(0), seed=jnp.int32(seed),
+            first_bad_step=jnp.int32(-1)))
+    state = jax.device_get(state_lib.stack(states))
+    return Experiment(config, dataset, graphdef, method, tx, state, steps_per_epoch, total,
+                      level_plans(config, method, schedule, total, steps_per_epoch))
 
 
 class CompiledSteps:
-    """The jitted `[R]` train and eval steps, and where their inputs live."""
+    """The jitted `[R]` train and eval steps of one level plan, and where inputs live."""
 
-    def __init__(self, exp: Experiment):
+    def __init__(self, exp: Experiment, lr_fn: Callable):
         cfg = exp.config
-        R = cfg.train.realizations
         self.strategy = realizations.choose_strategy(cfg.train.strategy)
-        self.mesh = realizations.make_mesh(R) if self.strategy == "vmap" else None
+        self.mesh = (realizations.make_mesh(cfg.train.realizations)
+                     if self.strategy == "vmap" else None)
         mesh = self.mesh
         constrain = (lambda x: x) if mesh is None else (
             lambda x: jax.lax.with_sharding_constraint(x, realizations.batch_sharding(mesh)))
         spec = steps.BatchSpec(cfg.train.batch_size, len(exp.dataset.train_images),
                                cfg.data.seed, cfg.data.crop_padding, cfg.data.flip)
-        train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, spec, constrain)
+        train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
+                                          constrain)
         eval_one = steps.make_eval_step(exp.graphdef, exp.method, cfg.eval.batch_size)
         train_r = realizations.over_realizations(train_one, self.strategy, num_shared=2)
-        eval_r = realizations.over_realizations(
-            lambda st, x, y, start: eval_one(st, x, y, start), self.strategy, num_shared=3)
+        eval_r = realizations.over_realizations(eval_one, self.strategy, num_shared=3)
         if mesh is None:
-            device = jax.devices()[0]
-            self.state_sharding = jax.tree.map(
-                lambda _: jax.sharding.SingleDeviceSharding(device), exp.state)
-            self.data_sharding = jax.sharding.SingleDeviceSharding(device)
+            device = jax.local_devices()[0]
+            one = jax.sharding.SingleDeviceSharding(device)
+            self.state_sharding = jax.tree.map(lambda _: one, exp.state)
+            self.data_sharding = one
+            metrics_sharding = one
         else:
             self.state_sharding = realizations.realization_sharding(mesh, exp.state)
             self.data_sharding = realizations.replicated(mesh)
-        self.train = jax.jit(train_r, donate_argnums=0, out_shardings=(
-            self.state_sharding, self.data_sharding if mesh is None else
-            realizations.realization_sharding(mesh, {"loss": 0, "accuracy": 0})))
+            metrics_sharding = realizations.realization_sharding(mesh, {"loss": 0, "accuracy": 0})
+        self.train = jax.jit(train_r, donate_argnums=0,
+                             out_shardings=(self.state_sharding, metrics_sharding))
         self.eval = jax.jit(eval_r)
 
     def place_state(self, host_state):
@@ -209,137 +244,114 @@ def evaluate(compiled: CompiledSteps, state, images, labels, batch_size: int) ->
     return realizations.to_host(correct) / total
 
 
-def _check_config(workdir: pathlib.Path, config) -> None:
-    """Writes config.json, or checks that an existing run in `workdir` has the same config."""
-    path = workdir / CONFIG_FILE
-    new = config_util.to_dict(config)
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        changes = config_util.diff(old, new)
-        if changes:
-            raise ConfigMismatchError(
-                f"{workdir} already holds a run with a different config; use a new --workdir "
-                "or the same config. Differences (saved -> requested):\n  " + "\n  ".join(changes))
-        return
-    if jax.process_index() == 0:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(config_util.to_json(config) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _format(values: np.ndarray) -> str:
+def format_values(values: np.ndarray) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in np.ravel(values)) + "]"
 
 
-def _raise_if_nonfinite(state, host_step: int) -> None:
+def _raise_if_nonfinite(state, host_step: int, level: int) -> None:
     bad = realizations.to_host(state.first_bad_step)
     if np.any(bad >= 0):
         r = int(np.argmax(bad >= 0))
         seeds = realizations.to_host(state.seed)
         raise NonFiniteLossError(
-            f"non-finite loss at step {int(bad[r])} in realization {r} (seed {int(seeds[r])}); "
-            f"stopped at step {host_step}. The last good checkpoint is kept. Lower optim.lr or "
-            "check the data.")
+            f"non-finite loss at step {int(bad[r])} of level {level} in realization {r} "
+            f"(seed {int(seeds[r])}); stopped at step {host_step}. The last good checkpoint is "
+            "kept. Lower optim.lr or check the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Trains `config.train.realizations` seeds in `workdir`, resuming if it holds a checkpoint.
+def abstract_of(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
-    Returns the results dict written to `workdir/results.json`.
+
+@dataclasses.dataclass
+class LevelContext:
+    """Where one level writes and what it records in checkpoint metadata."""
+
+    directory: pathlib.Path          # holds checkpoints/ (and rewind/ for LTH level 0)
+    writer: writer_lib.MetricWriter | None
+    metadata: dict
+    progress_mode: str
+
+
+def train_level(exp: Experiment, plan: LevelPlan, compiled: CompiledSteps, initial_state,
+                ctx: LevelContext, data: tuple) -> tuple[Any, float]:
+    """Trains one level from its checkpoint (or `initial_state`) to `plan.end`.
+
+    Args:
+      initial_state: host `[R]` state at `plan.start` (used when the level has no checkpoint).
+      data: device-resident (train_images, train_labels, test_images, test_labels).
+
+    Returns:
+      (device state at plan.end, wall time of this level including earlier attempts).
     """
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_config(workdir, config)
-    results_path = workdir / RESULTS_FILE
-    if results_path.exists():
-        log.info("%s is complete (results.json exists); nothing to do", workdir)
-        return json.loads(results_path.read_text(encoding="utf-8"))
-
-    exp = build_experiment(config)
-    compiled = CompiledSteps(exp)
-    log.info("training %s/%s, R=%d, %d steps (%d per epoch), strategy=%s on %d device(s)",
-             config.model.name, config.method.name, config.train.realizations, exp.total_steps,
-             exp.steps_per_epoch, compiled.strategy, jax.device_count())
-
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.state)
-    restored = ckpt.restore_latest(abstract)
+    cfg = exp.config
+    train_x, train_y, test_x, test_y = data
+    ckpt = checkpoint_lib.Checkpointer(ctx.directory / "checkpoints",
+                                       keep=cfg.train.keep_checkpoints)
+    restored = ckpt.restore_latest(abstract_of(initial_state))
     wall_before = 0.0
     if restored is None:
-        host_state, start = exp.state, 0
+        host_state, start = initial_state, plan.start
     else:
         start, host_state, meta = restored
         wall_before = float(meta.get("wall_time_s", 0.0))
-        log.info("resuming from the checkpoint at step %d", start)
-        writer_lib.truncate_after(workdir, start)
-    state = compiled.place_state(realizations.to_host(host_state))
-    train_x, train_y, test_x, test_y = compiled.place_data(
-        exp.dataset.train_images, exp.dataset.train_labels.astype(np.int32),
-        exp.dataset.test_images, exp.dataset.test_labels.astype(np.int32))
+        log.info("level %d: resuming from the checkpoint at step %d", plan.index, start)
+        if ctx.writer:
+            ctx.writer.truncate_after(start, level=plan.index)
+    state = compiled.place_state(host_state)
+    rewind_dir = ctx.directory / "rewind"
+    rewind_step = exp.method.rewind_step if plan.index == 0 else None
+    needs_rewind = rewind_step is not None and not checkpoint_lib.Checkpointer(rewind_dir).steps()
 
-    is_main = jax.process_index() == 0
-    writer = writer_lib.MetricWriter(workdir, tensorboard=is_main) if is_main else None
-    metadata = {"config": config_util.to_dict(config), "versions": package_versions(),
-                "dataset": dataset_info(exp.dataset),
-                "workdir_format_version": card_jax.FORMAT_VERSION,
-                "realization_seeds": realization_seeds(config)}
-    progress = Progress(exp.total_steps, start, config.train.progress if is_main else "none")
+    def save_rewind(state):
+        params = realizations.to_host(state.params)
+        checkpoint_lib.Checkpointer(rewind_dir, keep=1).save(
+            rewind_step, params, {"rewind_step": rewind_step})
+
+    if needs_rewind and start > rewind_step:
+        raise checkpoint_lib.CheckpointError(
+            f"{rewind_dir} is missing but training is past rewind_step={rewind_step}; "
+            "the rewind weights cannot be recovered: start this run in a new workdir")
+    if needs_rewind and start == rewind_step:
+        save_rewind(state)
+        needs_rewind = False
+
+    desc = "train" if len(exp.levels) == 1 else f"level {plan.index}"
+    progress = Progress(plan.end, start, ctx.progress_mode, desc=desc)
     tic = time.monotonic()
     pending: list = []
-    log_every, ckpt_every = max(config.train.log_every, 1), max(config.train.checkpoint_every, 1)
+    log_every = max(cfg.train.log_every, 1)
+    ckpt_every = max(cfg.train.checkpoint_every, 1)
     try:
-        for step in range(start, exp.total_steps):
+        for step in range(start, plan.end):
             state, metrics = compiled.train(state, train_x, train_y)
             pending.append(metrics)
             done = step + 1
-            last = done == exp.total_steps
+            last = done == plan.end
+            if needs_rewind and done == rewind_step:
+                _raise_if_nonfinite(state, done, plan.index)
+                save_rewind(state)
+                needs_rewind = False
             if done % log_every == 0 or last:
                 host = realizations.to_host(pending)
                 pending = []
-                _raise_if_nonfinite(state, done)
+                _raise_if_nonfinite(state, done, plan.index)
                 means = {k: np.mean([m[k] for m in host], axis=0) for k in host[0]}
-                means["lr"] = float(exp.schedule(done - 1))
-                if writer:
-                    writer.write_scalars(done, means, split="train")
-                progress.update(done, f"loss {_format(means['loss'])}")
-            eval_every = config.train.eval_every
+                means["lr"] = float(plan.lr_fn(jnp.int32(done - 1)))
+                if ctx.writer:
+                    ctx.writer.write_scalars(done, means, split="train")
+                progress.update(done, f"loss {format_values(means['loss'])}")
+            eval_every = cfg.train.eval_every
             if eval_every > 0 and done % eval_every == 0 and not last:
-                acc = evaluate(compiled, state, test_x, test_y, config.eval.batch_size)
-                if writer:
-                    writer.write_scalars(done, {"accuracy": acc}, split="test")
+                acc = evaluate(compiled, state, test_x, test_y, cfg.eval.batch_size)
+                if ctx.writer:
+                    ctx.writer.write_scalars(done, {"accuracy": acc}, split="test")
             if done % ckpt_every == 0 or last:
-                _raise_if_nonfinite(state, done)
+                _raise_if_nonfinite(state, done, plan.index)
                 wall = wall_before + time.monotonic() - tic
-                ckpt.save(done, state, {**metadata, "wall_time_s": wall})
-                if writer:
-                    writer.flush()
+                ckpt.save(done, state, {**ctx.metadata, "level": plan.index, "wall_time_s": wall})
+                if ctx.writer:
+                    ctx.writer.flush()
     finally:
         progress.close()
-    wall = wall_before + time.monotonic() - tic
-    clean = evaluate(compiled, state, test_x, test_y, config.eval.batch_size)
-    params0 = state_lib.index(realizations.to_host(state.params), 0)
-    effective = realizations.to_host(jax.vmap(exp.method.apply)(state.params, state.method_state))
-    R = config.train.realizations
-    kept = [int(sum(np.count_nonzero(x) for x in jax.tree.leaves(state_lib.index(effective, r))
-                    if x.ndim >= 2)) for r in range(R)]
-    results = {
-        "clean_acc": [float(a) for a in clean],
-        "num_params": kept,
-        "num_prunable": [steps.count_prunable(params0)] * R,
-        "num_params_total": [int(sum(x.size for x in jax.tree.leaves(params0)))] * R,
-        "steps": [exp.total_steps] * R,
-        "wall_time_s": [wall] * R,
-        "realization_seeds": realization_seeds(config),
-        "strategy": compiled.strategy,
-        "dataset": dataset_info(exp.dataset),
-        "format_version": card_jax.FORMAT_VERSION,
-    }
-    if writer:
-        writer.write_scalars(exp.total_steps, {"accuracy": clean}, split="test")
-        writer.close()
-    if is_main:
-        tmp = results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, results_path)
-    log.info("done: clean test accuracy per realization %s in %.0fs", _format(clean), wall)
-    return results
+    return state, wall_before + time.monotonic() - tic

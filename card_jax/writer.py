@@ -36,7 +36,7 @@ class MetricWriter:
         self._path = pathlib.Path(workdir) / METRICS_FILE
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._path, "a", encoding="utf-8")
-        self._level = level
+        self.level = level  # the level written into each record; the level loop sets it
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: optional at read time
@@ -46,7 +46,7 @@ class MetricWriter:
     def write_scalars(self, step: int, scalars: dict[str, Any], split: str = "train") -> None:
         for name, value in scalars.items():
             value = _plain(value)
-            record = {"step": int(step), "level": self._level, "split": split, "name": name,
+            record = {"step": int(step), "level": self.level, "split": split, "name": name,
                       "value": value}
             self._file.write(json.dumps(record) + "\n")
             if self._tb is not None:
@@ -54,6 +54,12 @@ class MetricWriter:
                 for r, v in enumerate(values):
                     if isinstance(v, (int, float)):
                         self._tb.add_scalar(f"{split}/{name}/r{r}", v, int(step))
+
+    def truncate_after(self, step: int, level: int) -> None:
+        """Drops this file's records after (level, step); see the module function."""
+        self._file.close()
+        truncate_after(self._path.parent, step, level)
+        self._file = open(self._path, "a", encoding="utf-8")
 
     def flush(self) -> None:
         self._file.flush()
@@ -67,10 +73,10 @@ class MetricWriter:
             self._tb.close()
 
 
-def truncate_after(workdir: str | os.PathLike, step: int) -> None:
-    """Drops records with `step > step` (written by a run killed after its last checkpoint).
-
-    A resumed run repeats those steps, so keeping the old lines would duplicate them.
+def truncate_after(workdir: str | os.PathLike, step: int, level: int = 0) -> None:
+    """Drops records of `level` after `step`, and of later levels (written by a run killed
+    after its last checkpoint). A resumed run repeats those steps, so keeping the old lines
+    would duplicate them.
     """
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.exists():
@@ -78,7 +84,9 @@ def truncate_after(workdir: str | os.PathLike, step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            record_level = record.get("level", 0)
+            if record_level < level or (record_level == level and record["step"] <= step):
                 kept.append(line)
         except (ValueError, KeyError):
             continue  # a line cut short by the kill

@@ -33,9 +33,12 @@ def get_model(name: str = "conv4", **kw) -> ml_collections.ConfigDict:
     return model
 
 
-def get_method(name: str = "dense") -> ml_collections.ConfigDict:
-    method = ml_collections.ConfigDict()
-    method.name = name
+def get_method(name: str = "dense", **overrides) -> ml_collections.ConfigDict:
+    """All method options (card_jax.pruning.METHOD_OPTIONS/LOOP_OPTIONS); see the README."""
+    from card_jax.pruning import LOOP_OPTIONS, METHOD_OPTIONS
+
+    method = ml_collections.ConfigDict({"name": name, **METHOD_OPTIONS, **LOOP_OPTIONS})
+    method.update(overrides)
     return method
 
 

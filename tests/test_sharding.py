@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from card_jax import export, realizations, train
+from card_jax import export, realizations, run, train
 from tests.helpers import smoke_config
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
@@ -26,9 +26,9 @@ def test_mesh_puts_realizations_first(R, mesh_shape):
 
 
 def test_sharded_training_equals_single_device(tmp_path):
-    sharded = train.train_and_evaluate(
+    sharded = run.train_and_evaluate(
         smoke_config(train__steps=6, train__strategy="vmap"), tmp_path / "sharded")
-    single = train.train_and_evaluate(
+    single = run.train_and_evaluate(
         smoke_config(train__steps=6, train__strategy="map"), tmp_path / "single")
     assert sharded["strategy"] == "vmap" and single["strategy"] == "map"
     exp_s, state_s = export.load_final_state(tmp_path / "sharded")
@@ -42,7 +42,7 @@ def test_sharded_training_equals_single_device(tmp_path):
 
 def test_state_is_sharded_over_realizations():
     exp = train.build_experiment(smoke_config(train__realizations=4, train__strategy="vmap"))
-    compiled = train.CompiledSteps(exp)
+    compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
     state = compiled.place_state(exp.state)
     kernel = state.params["convs"]["0"]["kernel"]
     assert kernel.shape[0] == 4

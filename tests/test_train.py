@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from card_jax import export, train
+from card_jax import export, run, train
 from tests.helpers import REPO, SMOKE, cli_env, load_npz, run_cli, smoke_config
 
 
@@ -24,7 +24,7 @@ def _final_params(workdir):
 
 
 def test_smoke_run_writes_the_output_contract(tmp_path):
-    results = train.train_and_evaluate(smoke_config(train__steps=12), tmp_path)
+    results = run.train_and_evaluate(smoke_config(train__steps=12), tmp_path)
     for name in ("config.json", "metrics.jsonl", "results.json"):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
@@ -41,20 +41,20 @@ def test_smoke_run_writes_the_output_contract(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["train"]["steps"] == 12
     # A second call finds results.json and does nothing.
-    again = train.train_and_evaluate(smoke_config(train__steps=12), tmp_path)
+    again = run.train_and_evaluate(smoke_config(train__steps=12), tmp_path)
     assert again == saved
 
 
 def test_learns_the_synthetic_task(tmp_path):
-    results = train.train_and_evaluate(smoke_config(train__steps=60), tmp_path)
+    results = run.train_and_evaluate(smoke_config(train__steps=60), tmp_path)
     assert min(results["clean_acc"]) > 0.5  # chance is 0.1
 
 
 def test_two_realizations_equal_two_separate_runs(tmp_path):
-    train.train_and_evaluate(smoke_config(train__steps=8), tmp_path / "both")
-    train.train_and_evaluate(smoke_config(train__steps=8, train__realizations=1, seed=0),
+    run.train_and_evaluate(smoke_config(train__steps=8), tmp_path / "both")
+    run.train_and_evaluate(smoke_config(train__steps=8, train__realizations=1, seed=0),
                              tmp_path / "r0")
-    train.train_and_evaluate(smoke_config(train__steps=8, train__realizations=1, seed=1),
+    run.train_and_evaluate(smoke_config(train__steps=8, train__realizations=1, seed=1),
                              tmp_path / "r1")
     _, both = _final_params(tmp_path / "both")
     _, alone0 = _final_params(tmp_path / "r0")
@@ -70,9 +70,9 @@ def test_two_realizations_equal_two_separate_runs(tmp_path):
 
 
 def test_changed_config_in_same_workdir_is_refused(tmp_path):
-    train.train_and_evaluate(smoke_config(train__steps=2), tmp_path)
-    with pytest.raises(train.ConfigMismatchError, match=r"optim.lr: 0.02 -> 0.1"):
-        train.train_and_evaluate(smoke_config(train__steps=2, optim__lr=0.1), tmp_path)
+    run.train_and_evaluate(smoke_config(train__steps=2), tmp_path)
+    with pytest.raises(run.ConfigMismatchError, match=r"optim.lr: 0.02 -> 0.1"):
+        run.train_and_evaluate(smoke_config(train__steps=2, optim__lr=0.1), tmp_path)
 
 
 def test_nonfinite_loss_stops_names_step_and_keeps_good_checkpoint(tmp_path):
@@ -131,7 +131,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 def test_export_keys_and_values(tmp_path):
-    train.train_and_evaluate(smoke_config(train__steps=3), tmp_path)
+    run.train_and_evaluate(smoke_config(train__steps=3), tmp_path)
     exp, arrays = _final_params(tmp_path)
     assert "r0/convs/0/kernel" in arrays and "r1/linears/2/kernel" in arrays
     assert arrays["r0/convs/0/kernel"].shape[:3] == (3, 3, 3)

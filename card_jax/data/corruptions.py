@@ -19,21 +19,25 @@ Public API:
   of a 32x32 image. `CONSTANTS_VERSION` names this table and the size-scaling rules below.
 
 Image size. The reference only handles 32x32. Constants that are lengths in pixels are
-multiplied by `r = sqrt(H * W) / 32` (`scale_factor`); `r = 1` reproduces the reference
-exactly, Fashion-MNIST (28x28) uses `r = 0.875`. Scaled: Gaussian sigmas (gaussian/glass blur,
-spatter, elastic), the defocus disk radius and its anti-aliasing sigma (and that blur's
-kernel half-width `max(1, round(r))`), the glass-blur shuffle distance (`max(1, round(r))`),
-motion-blur radius and sigma (also for snow), the snow-flake zoom, the elastic
-constants (which the reference already writes as multiples of the image size), and the frost
-texture resize factor (0.2 * r). Scale-free, so never scaled: noise levels, contrast,
+multiplied by `r = max(1, sqrt(H * W) / 32)` (`scale_factor`), so 32x32 reproduces the
+reference exactly and a 64x64 image gets twice the blur radii. Smaller images (down to 28x28,
+e.g. Fashion-MNIST) keep the 32x32 constants unscaled: shrinking pixel-scale kernels breaks
+them (a radius-1 disk scaled by 0.875 loses its four neighbours and defocus severity 4 becomes
+the identity), while 28 vs 32 pixels is a small change of scale. Scaled: Gaussian sigmas
+(gaussian/glass blur, spatter, elastic), the defocus disk radius and its anti-aliasing sigma
+(and that blur's kernel half-width `max(1, round(r))`), the glass-blur shuffle distance
+(`max(1, round(r))`), motion-blur radius and sigma (also for snow), the snow-flake zoom, the
+elastic constants (which the reference already writes as multiples of the image size 32), and
+the frost texture resize factor (0.2 * r). Scale-free, so never scaled: noise levels, contrast,
 brightness, saturation, JPEG quality, the zoom-blur factors and the pixelate factor (both
 relative to the image size). Fog draws its plasma fractal on the smallest power-of-two map
 covering the image (32 for 32x32, as in the reference) and crops it.
 
 Rounding. The reference casts its float results with `np.uint8`, which truncates; so do we
 (with a 1e-3 guard so that float32 round-off of an exact integer does not lose a level).
-Exceptions mirror the reference's tools: motion blur goes through an 8-bit PNG (rounded),
-pixelate and JPEG through Pillow (rounded, exactly as Pillow).
+ImageMagick's motion blur also truncates to 8 bits (checked against ImageMagick 6.9 Q16:
+our motion blur matches `convert -motion-blur` to within 1 level on < 0.5% of pixels).
+Pixelate and JPEG round exactly as Pillow does.
 
 Deviations from the reference (the reference needs ImageMagick, OpenCV and scikit-image,
 none of which this package uses):
@@ -54,13 +58,19 @@ none of which this package uses):
   `equalizeHist`, `filter2D` and `blur` re-implemented in JAX; the liquid layer is clipped to
   [0, 1] before its uint8 cast (numpy would wrap values above 1).
 * frost: textures from the `corrupt-tta` package data (the reference's frost1-5 images; frost6
-  is never drawn, as in the reference's `randint(5)`). cv2's bilinear resize is reproduced
+  is never drawn, as in the reference's `randint(5)`; `imagecorruptions`' copy is used if that
+  is what is installed). cv2's bilinear resize is reproduced
   (for r = 1 it is exactly the subsampling `[2::5, 2::5]`).
 * elastic_transform: OpenCV's `warpAffine` (bilinear, BORDER_REFLECT_101) is computed with
   `jax.scipy.ndimage.map_coordinates(mode="mirror")` in full float precision (OpenCV quantises
   coordinates to 1/32 pixel).
 * shot/gaussian/... noise use JAX's generators, so values differ from numpy draws: the
   released CIFAR-10-C files cannot be reproduced bit for bit by any re-implementation.
+
+Randomness: `jax.random.key(seed)` (threefry, its non-partitionable variant pinned so that the
+bits never depend on the global `jax_threefry_partitionable` setting), folded with the
+corruption's index in `ALL_CORRUPTIONS`, the severity and the image index. Host code uses no
+randomness (JPEG is deterministic; frost textures are chosen and cropped in JAX).
 
 Grayscale (C = 1): corruptions that need colour (brightness, saturate, snow, frost, spatter)
 replicate the channel to RGB, corrupt, and return the channel mean; the others run on the
@@ -70,6 +80,7 @@ whose mean is the same thing). JPEG encodes grayscale images as 8-bit grayscale 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -161,8 +172,9 @@ _DEFAULT_BATCH = 512  # images per compiled call; larger gains little on CPU
 
 
 def scale_factor(height: int, width: int) -> float:
-    """`r = sqrt(H * W) / 32`: how much larger than the reference's 32x32 an image is."""
-    return math.sqrt(height * width) / REFERENCE_SIZE
+    """`r = max(1, sqrt(H * W) / 32)`: how much larger than the reference's 32x32 an image is
+    (never below 1; see the module docstring)."""
+    return max(1.0, math.sqrt(height * width) / REFERENCE_SIZE)
 
 
 # ============================================================================================
@@ -438,7 +450,7 @@ def _gather_pad(x: jax.Array, pad: int, mode: str) -> jax.Array:
 def _correlate2d(x: jax.Array, kernel: jax.Array, mode: str) -> jax.Array:
     """cv2.filter2D-style correlation of `[H, W]` or `[H, W, C]` with a square `[K, K]` kernel.
 
-    Written as a sum of shifted copies: K is small (<= 7 here) and this batches under vmap
+    Written as a sum of shifted copies: K is small (<= 7 at 32x32) and this batches under vmap
     without the layout shuffles a depthwise convolution would need.
     """
     k = kernel.shape[0]
@@ -547,7 +559,7 @@ _CANNY_LOW, _CANNY_HIGH = 50, 150
 _TAN22_Q15 = 13573  # tan(22.5 deg) in Q15 fixed point, as OpenCV's Canny
 # cv2.distanceTransform(DIST_L2, 5): chamfer weights 1, 1.4, 2.1969 in 16-bit fixed point.
 _CHAMFER = (65536, 91750, 143976)
-_CHAMFER_SCALE = 1.0 / 65536.0
+_CHAMFER_ONE = 65536
 _DIST_TRUNC = 20.0  # cv2.threshold(dist, 20, 20, THRESH_TRUNC); not size-scaled (ImageNet-C
 #                     uses the same 20 at 224x224)
 _EMBOSS = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float32)
@@ -597,11 +609,12 @@ def _canny(image: jax.Array) -> jax.Array:
 
 
 def _chamfer_distance(edges: jax.Array) -> jax.Array:
-    """cv2.distanceTransform(255 - edges, DIST_L2, 5), truncated at 20 -> float `[H, W]`.
+    """cv2.distanceTransform(255 - edges, DIST_L2, 5), truncated at 20, in 16-bit fixed point.
 
     Shortest paths under the 5x5 chamfer metric, by relaxation: every path shorter than the
     truncation has at most 21 moves (each move costs >= 1), so 21 rounds are exact below it.
-    Outside the image counts as "no edge", as in OpenCV.
+    Outside the image counts as "no edge", as in OpenCV. Returns int32 `[H, W]`: distance
+    times 65536 (OpenCV's own fixed point, so every later step can be exact).
     """
     inf = jnp.int32(1 << 28)
     a, b, c = _CHAMFER
@@ -616,7 +629,21 @@ def _chamfer_distance(edges: jax.Array) -> jax.Array:
         return jnp.minimum(d, best)
 
     d = jax.lax.fori_loop(0, int(_DIST_TRUNC) + 1, relax, jnp.where(edges, 0, inf))
-    return jnp.minimum(d.astype(jnp.float32) * _CHAMFER_SCALE, _DIST_TRUNC)
+    return jnp.minimum(d, int(_DIST_TRUNC * _CHAMFER_ONE))
+
+
+def _box3_floor_fixed(d: jax.Array) -> jax.Array:
+    """`cv2.blur(distance, (3, 3)).astype(np.uint8)` for fixed-point distances `d`.
+
+    OpenCV sums the float32 distances (exact: multiples of 2^-16 below 180) in double and
+    scales by 1/9; for these values that floors to exactly `floor(sum / 9)`, computed here in
+    integers (a float32 mean would misplace values that are exact integers).
+    """
+    padded = _gather_pad(d, 1, "mirror")
+    h, w = d.shape
+    total = functools.reduce(
+        jnp.add, [padded[i:i + h, j:j + w] for i in range(3) for j in range(3)])
+    return total // (9 * _CHAMFER_ONE)
 
 
 def _equalize_hist(image: jax.Array) -> jax.Array:
@@ -806,7 +833,8 @@ def _snow(x, key, p, static):
     layer = jnp.where(layer < p["threshold"], 0.0, layer)
     layer = jnp.floor(jnp.clip(layer, 0.0, 1.0) * 255.0)  # to an 8-bit image, truncating
     angle = jax.random.uniform(k_angle, (), jnp.float32, -135.0, -45.0)
-    layer = jnp.round(_motion_blur(layer, p["taps"], angle)) / 255.0  # back through 8-bit PNG
+    # Back through an 8-bit PNG: ImageMagick truncates.
+    layer = jnp.floor(_motion_blur(layer, p["taps"], angle) + _TRUNC_GUARD) / 255.0
     layer = layer[..., None]
     gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
     x = p["blend"] * x + (1.0 - p["blend"]) * jnp.maximum(x, gray * 1.5 + 0.5)
@@ -972,8 +1000,7 @@ def _spatter(x, key, p, static):
     # Water: edges of the liquid blobs -> distance to them -> equalised, embossed shading.
     liquid_u8 = jnp.floor(jnp.clip(liquid, 0.0, 1.0) * 255.0)
     dist = _chamfer_distance(_canny(liquid_u8.astype(jnp.int32)))
-    dist = jnp.floor(_box3(dist) + _TRUNC_GUARD)  # float blur, then astype(uint8)
-    dist = _equalize_hist(dist.astype(jnp.int32))
+    dist = _equalize_hist(_box3_floor_fixed(dist))
     dist = jnp.clip(_correlate2d(dist, jnp.asarray(_EMBOSS), "mirror"), 0.0, 255.0)
     dist = jnp.round(_box3(dist))  # blur of a uint8 image stays uint8
     shade = liquid_u8 * dist
@@ -1006,7 +1033,7 @@ _OPS: dict[str, _Op] = {
     "impulse_noise": _Op(_impulse_noise, _fixed("amount", "impulse_noise")),
     "defocus_blur": _Op(_defocus_blur, _defocus_params),
     "glass_blur": _Op(_glass_blur, _glass_params),
-    "motion_blur": _Op(_motion_blur_op, _motion_params, rounding="round"),
+    "motion_blur": _Op(_motion_blur_op, _motion_params),
     "zoom_blur": _Op(_zoom_blur, _zoom_params),
     "snow": _Op(_snow, _snow_params, rgb=True),
     "frost": _Op(_frost, _frost_params, rgb=True),
@@ -1053,7 +1080,9 @@ def _jpeg(images: np.ndarray, quality: int) -> np.ndarray:
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
     def one(image: np.ndarray) -> np.ndarray:
-        pil = Image.fromarray(image[..., 0], "L") if image.shape[-1] == 1 else Image.fromarray(image)
+        # uint8 [H, W] -> mode "L", [H, W, 3] -> "RGB" (inferred; the mode argument is
+        # deprecated in Pillow >= 11.3).
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
         buffer = io.BytesIO()
         pil.save(buffer, format="JPEG", quality=int(quality))
         buffer.seek(0)
@@ -1083,6 +1112,12 @@ def _validate(images: np.ndarray, name: str, severity: int) -> None:
         raise ValueError(
             f"images must be at least {MIN_SIZE}x{MIN_SIZE}, got {images.shape[1:3]}"
         )
+
+
+def _threefry_mode() -> contextlib.AbstractContextManager:
+    """Pins `jax_threefry_partitionable` (see `_THREEFRY_PARTITIONABLE`) for one call."""
+    state = getattr(jax, "threefry_partitionable", None)
+    return state(_THREEFRY_PARTITIONABLE) if state is not None else contextlib.nullcontext()
 
 
 def _base_key(seed: int, name: str, severity: int) -> jax.Array:
@@ -1132,7 +1167,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0, *,
                                                     np.uint8)])
         indices = jnp.arange(start, start + chunk, dtype=jnp.uint32)
         # Dispatch every chunk before reading any back, so host and device work overlap.
-        with jax.threefry_partitionable(_THREEFRY_PARTITIONABLE):
+        with _threefry_mode():
             pending.append(_run(block, base, indices, p_device, name=name, static=static))
     out = np.empty_like(images)
     for i, result in enumerate(pending):
