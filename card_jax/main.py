@@ -37,6 +37,14 @@ def precheck(argv: list[str]) -> None:
     from card_jax.data import sources
 
     sources.check_available(config.data.name, config.data.dir)
+    overridden = [a[len("--config.method."):].partition("=")[0] for a in argv
+                  if a.startswith("--config.method.")]
+    from card_jax import pruning
+
+    try:
+        pruning.check_options_used(config.method.name, overridden)
+    except ValueError as e:
+        raise config_util.ConfigError(str(e)) from None
     if not any(a.startswith("--workdir=") for a in argv) and "--workdir" not in argv:
         raise config_util.ConfigError("--workdir=DIR is required")
 

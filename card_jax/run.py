@@ -25,7 +25,7 @@ import numpy as np
 
 import card_jax
 from card_jax import checkpoint as checkpoint_lib
-from card_jax import config_util, pruning, realizations, steps, train
+from card_jax import config_util, packing, pruning, realizations, steps, train
 from card_jax import state as state_lib
 from card_jax import writer as writer_lib
 from card_jax.pruning import masks, memory
@@ -225,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     results = {
         "clean_acc": [float(a) for a in clean],
         **compression_report(exp, host_state),
+        "packed_bytes": packing.packed_sizes(exp, host_state),
         "num_prunable": [masks.num_prunable(params0)] * R,
         "num_params_total": [int(sum(np.size(x) for x in jax.tree.leaves(params0)))] * R,
         "steps": [final_plan.end] * R,

@@ -27,6 +27,7 @@ class BatchSpec:
     data_seed: int
     crop_padding: int
     flip: bool
+    augment: str = "none"       # card_jax.data.augment.AUGMENTATIONS key (SPEC §8)
 
 
 def forward(graphdef, method: Method, params, batch_stats, method_state, x, train: bool):
@@ -60,6 +61,15 @@ def make_train_step(
     Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
     """
 
+    augment_fn = None
+    if spec.augment != "none":
+        from card_jax.data import augment  # only runs that augment need it
+
+        if spec.augment not in augment.AUGMENTATIONS:
+            raise ValueError(f"data.augment={spec.augment!r}; valid: "
+                             f"{', '.join(sorted(augment.AUGMENTATIONS))}")
+        augment_fn = augment.AUGMENTATIONS[spec.augment]
+
     def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
         idx = pipeline.batch_indices(
             pipeline.order_key(spec.data_seed, st.seed), st.step, spec.num_examples,
@@ -70,6 +80,9 @@ def make_train_step(
             jax.random.fold_in(seed_key, state_lib.AUGMENT_STREAM), st.step)
         x = pipeline.random_crop_flip(
             aug_key, pipeline.to_float(images[idx]), spec.crop_padding, spec.flip)
+        if augment_fn is not None:
+            # After crop/flip, on [0, 1] pixels, before the model's normalisation (SPEC §8).
+            x = augment_fn(jax.random.fold_in(aug_key, 1), x)
         x = constrain_batch(x)
         y = labels[idx]
 

@@ -134,6 +134,19 @@ def _layer_order(graphdef, params, batch_stats, dataset) -> tuple[str, ...]:
     return pruning.masks.forward_layer_order(forward, params, x)
 
 
+def _check_warmup_fits(config, total: int, steps_per_epoch: int) -> None:
+    """Global EP/BP reach their sparsity only after the warm-up: it must end before training."""
+    m = config.method
+    if m.name not in ("ep", "bp") or m.scope != "global":
+        return
+    epochs = pruning.schedules.warmup_epochs_needed(m.sparsity, m.warmup_epochs)
+    if epochs and epochs * steps_per_epoch >= total:
+        raise ValueError(
+            f"method.warmup_epochs={m.warmup_epochs} ({epochs * steps_per_epoch} steps) does not "
+            f"end before training does ({total} steps): the target sparsity {m.sparsity} would "
+            "never be reached. Lower method.warmup_epochs or train longer.")
+
+
 def level_plans(config, method: pruning.Method, schedule, total: int,
                 steps_per_epoch: int) -> list[LevelPlan]:
     """Level 0 trains [0, T); LTH levels resume at k, LRR restart at 0, FT fine-tunes."""
@@ -173,6 +186,7 @@ def build_experiment(config, dataset: sources.Dataset | None = None) -> Experime
         order = _layer_order(graphdef, inits[0][1], inits[0][2], dataset)
     method = pruning.from_config(config.method, steps_per_epoch=steps_per_epoch,
                                  total_steps=total, layer_order=order)
+    _check_warmup_fits(config, total, steps_per_epoch)
 
     @jax.jit
     def init_method(params, seed):
@@ -207,7 +221,8 @@ class CompiledSteps:
         constrain = (lambda x: x) if mesh is None else (
             lambda x: jax.lax.with_sharding_constraint(x, realizations.batch_sharding(mesh)))
         spec = steps.BatchSpec(cfg.train.batch_size, len(exp.dataset.train_images),
-                               cfg.data.seed, cfg.data.crop_padding, cfg.data.flip)
+                               cfg.data.seed, cfg.data.crop_padding, cfg.data.flip,
+                               cfg.data.augment)
         train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
                                           constrain)
         eval_one = steps.make_eval_step(exp.graphdef, exp.method, cfg.eval.batch_size)

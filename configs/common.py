@@ -20,6 +20,7 @@ def get_data(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
     data.seed = 0               # batch order = f(data.seed, realization seed, epoch, step)
     data.train_examples = -1    # -1 = all; more than exist is an error
     data.test_examples = -1
+    data.augment = "none"       # none | augmix | gaussian (train-time, SPEC §8)
     data.synthetic = ml_collections.ConfigDict(
         dict(train_size=512, test_size=256, image_size=32, channels=3, num_classes=10, seed=0)
     )
@@ -90,3 +91,34 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train = get_train()
     config.eval = get_eval()
     return config
+
+
+def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
+    """Turns a paper config into a seconds-long run with the same structure (tests, CI)."""
+    config.data = get_data("synthetic")
+    config.data.pad_to = 0
+    config.data.synthetic.image_size = 16
+    config.data.crop_padding = 2
+    config.train.realizations = 2
+    config.train.batch_size = 32
+    config.train.steps = 24
+    config.train.epochs = 1.0
+    config.train.log_every = 8
+    config.train.checkpoint_every = 24
+    config.eval = get_eval(batch_size=128)
+    config.optim.milestones = (0.5, 1.0)
+    kw = dict(config.model.kw)
+    name = config.model.name
+    if name.startswith("conv"):
+        kw.update(width=0.125, image_size=16)
+    elif name.startswith("vgg"):
+        kw.update(width=0.0625)
+    elif name.startswith("resnet"):
+        kw.update(width=4)
+    elif name == "resnext29":
+        kw.update(width=8, cardinality=2, base_width=2)
+    config.model.kw = ml_collections.ConfigDict(kw)
+    config.method.warmup_epochs = 0.5
+    config.method.levels = 2 if config.method.name in ("lth", "lrr") else config.method.levels
+    config.method.finetune_epochs = 0.5
+    config.method.rewind_step = min(config.method.rewind_step, 4)

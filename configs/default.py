@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.flip = False
     config.model = common.get_model("conv4", width=0.25)
     config.optim = common.get_optim(lr=0.05, weight_decay=5e-4, schedule="cosine")
+    # For --config.method.name=...: the global EP/BP warm-up takes the first of the 2 epochs;
+    # LTH/LRR reach their sparsity in 2 pruning levels (3 trainings).
+    config.method = common.get_method("dense", sparsity=0.8, warmup_epochs=1.0, levels=2)
     config.train = common.get_train(realizations=2, batch_size=128, epochs=2.0, log_every=100)
     if arg == "smoke":
         config.train.steps = 20

@@ -47,6 +47,7 @@ __all__ = [
     "load_cell",
     "load_tfds",
     "open_folder",
+    "read_info",
     "resolve_corruptions",
     "resolve_severities",
     "tfds_config_name",

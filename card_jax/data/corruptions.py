@@ -933,12 +933,14 @@ def _elastic_transform(x, key, p, static):
                           indexing="ij")
     src_x = xx * inverse[0, 0] + yy * inverse[1, 0] + inverse[2, 0]
     src_y = xx * inverse[0, 1] + yy * inverse[1, 1] + inverse[2, 1]
-    chan = jnp.broadcast_to(jnp.arange(c, dtype=jnp.float32), (h, w, c))
 
     def sample(image: jax.Array, rows: jax.Array, cols: jax.Array, mode: str) -> jax.Array:
-        coords = [jnp.broadcast_to(rows[..., None], (h, w, c)),
-                  jnp.broadcast_to(cols[..., None], (h, w, c)), chan]
-        return map_coordinates(image, coords, order=1, mode=mode)
+        # One 2-D bilinear lookup per channel (4 taps); a 3-D lookup would interpolate along
+        # the channel axis too and gather 8 taps.
+        def one(channel: jax.Array) -> jax.Array:
+            return map_coordinates(channel, [rows, cols], order=1, mode=mode)
+
+        return jax.vmap(one, in_axes=2, out_axes=2)(image)
 
     warped = sample(x, src_y, src_x, "mirror")  # BORDER_REFLECT_101
     fields = draws[6:].reshape(2, h, w)

@@ -59,45 +59,56 @@ LOOP_OPTIONS = dict(
 _UNSET = {"levels": -1, "init": ""}  # option values that mean "the factory's default"
 
 
+def options_used(name: str) -> set[str]:
+    """The `config.method` options that method `name` reads (factory arguments + loop options)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method.name {name!r}; valid: {', '.join(sorted(METHODS))}")
+    accepted = set(inspect.signature(METHODS[name]).parameters) - set(CONTEXT_KEYS)
+    return (accepted & set(METHOD_OPTIONS)) | _LOOP_USES.get(name, set())
+
+
+_LOOP_USES = {"ft": {"finetune_epochs", "finetune_lr"},
+              "ep": {"bn_recalibration_batches"}, "bp": {"bn_recalibration_batches"}}
+
+
+def check_options_used(name: str, keys) -> None:
+    """Refuses explicitly set options that method `name` would ignore (e.g. from the CLI).
+
+    Config files may carry defaults for every method family; an option the user names for a
+    method that does not read it is a mistake that must not pass silently.
+    """
+    unused = sorted(set(keys) - options_used(name) - {"name"})
+    if unused:
+        raise ValueError(f"method.{unused[0]} is not used by method {name!r}; it reads: "
+                         f"{', '.join(sorted(options_used(name))) or 'no options'}")
+
+
 def from_config(method_config, **context: Any) -> Method:
     """Builds the Method named by `config.method.name` from the options it uses.
+
+    Options the method does not read are ignored here (a config file may set defaults for
+    several methods); `check_options_used` refuses them when a user names them explicitly.
 
     Args:
       method_config: mapping with 'name' and options from METHOD_OPTIONS / LOOP_OPTIONS.
       **context: optional run facts from `CONTEXT_KEYS` (steps_per_epoch, total_steps,
         layer_order), forwarded to the factories that take them.
-
-    Raises:
-      ValueError: unknown method, `prune_rate`, or an option set to a non-default value that
-        the chosen method does not use.
     """
     name = method_config["name"]
-    if name not in METHODS:
-        raise ValueError(f"unknown method.name {name!r}; valid: {', '.join(sorted(METHODS))}")
+    used = options_used(name)
     options = {k: v for k, v in dict(method_config).items() if k != "name"}
     if "prune_rate" in options:
         raise ValueError("method.prune_rate is not accepted: use sparsity = fraction of weights "
                          "REMOVED (hidden-networks' prune_rate is the fraction kept)")
+    unknown = set(options) - set(METHOD_OPTIONS) - set(LOOP_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown method option(s) {sorted(unknown)}")
     unknown_context = set(context) - set(CONTEXT_KEYS)
     if unknown_context:
         raise TypeError(f"unknown context {sorted(unknown_context)}; valid: {CONTEXT_KEYS}")
     accepted = inspect.signature(METHODS[name]).parameters
-    loop_uses = {"ft": {"finetune_epochs", "finetune_lr"},
-                 "ep": {"bn_recalibration_batches"}, "bp": {"bn_recalibration_batches"}}
-    kwargs = {}
-    for key, value in options.items():
-        default = {**METHOD_OPTIONS, **LOOP_OPTIONS}.get(key)
-        if key in accepted:
-            if _UNSET.get(key, object()) != value:
-                kwargs[key] = value
-        elif key in LOOP_OPTIONS and key in loop_uses.get(name, ()):
-            continue
-        elif key in METHOD_OPTIONS or key in LOOP_OPTIONS:
-            if value != default:
-                raise ValueError(f"method.{key}={value!r} is not used by method {name!r}; "
-                                 f"it takes: {', '.join(sorted(set(accepted) - set(CONTEXT_KEYS)))}")
-        else:
-            raise ValueError(f"unknown method option {key!r}")
+    kwargs = {k: v for k, v in options.items()
+              if k in used and k in accepted and _UNSET.get(k, object()) != v}
     for key, value in context.items():
         if key in accepted and value is not None:
             kwargs.setdefault(key, value)
