@@ -24,6 +24,8 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        # Only its frost texture images are read (the "frost" corruption, SPEC §7).
+        "corrupt-tta>=0.1.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -369,4 +369,7 @@ def train_level(exp: Experiment, plan: LevelPlan, compiled: CompiledSteps, initi
                     ctx.writer.flush()
     finally:
         progress.close()
+    if start == plan.end and restored is None:
+        # A level with no steps (e.g. LTH rewound to k = T) still records its final state.
+        ckpt.save(plan.end, state, {**ctx.metadata, "level": plan.index, "wall_time_s": 0.0})
     return state, wall_before + time.monotonic() - tic

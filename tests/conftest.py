@@ -6,3 +6,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture
+def fast_compile():
+    """For tests that check structure, not speed: skip XLA's optimisation passes."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)

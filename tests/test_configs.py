@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 
-import jax
 import pytest
 
 from card_jax import config_util, run
@@ -23,14 +22,6 @@ SMOKE_RUNS = (
        "paper_sec33.py:cifar10,resnext29,clean,dense,0.9,smoke",
        "paper_sec33.py:cifar100,wrn18_2,clean,ep,0.95,smoke"]
 )
-
-
-@pytest.fixture
-def fast_compile():
-    """Smoke runs check structure, not speed: skip XLA's optimisation passes."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
 
 
 @pytest.mark.parametrize("spec", SMOKE_RUNS)
