@@ -53,8 +53,8 @@ __all__ = [
     "tfds_config_name",
 ]
 
-# Duplicated from card_jax.data.corruptions on purpose: reading files must not import JAX.
-# (tests/test_corruptions.py checks that the two lists agree.)
+# The canonical names (card_jax.data.corruptions imports them from here: reading files must
+# not import JAX). Never reorder: a corruption's index seeds its random stream.
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise",
     "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",

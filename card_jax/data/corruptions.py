@@ -106,17 +106,10 @@ __all__ = [
     "scale_factor",
 ]
 
-#: The 15 benchmark corruptions, in the canonical CIFAR-10-C order (noise, blur, weather,
-#: digital). Never reorder: a corruption's index here seeds its random stream.
-CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
-#: The 4 extra ("validation") corruptions also shipped with CIFAR-10-C.
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-ALL_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
+# The names live in corruption_sets (which must not import JAX). The 15 benchmark corruptions
+# are in the canonical CIFAR-10-C order; never reorder: an index here seeds its random stream.
+from card_jax.data.corruption_sets import (  # noqa: E402
+    ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS)
 
 #: Bump when the constants, the scaling rules or the random streams change: files written
 #: with another version are not interchangeable.
