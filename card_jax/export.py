@@ -191,6 +191,9 @@ def _write_packed(exp, state, workdir: str, chosen: list[int]) -> None:
 
 def main(argv):
     del argv
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
     if not _WORKDIR.value or not _OUT.value:
         print("error: --workdir and --out are required", file=sys.stderr)
         sys.exit(2)

@@ -25,7 +25,7 @@ import numpy as np
 
 import card_jax
 from card_jax import checkpoint as checkpoint_lib
-from card_jax import config_util, packing, pruning, realizations, steps, train
+from card_jax import config_util, evaluate, packing, pruning, realizations, steps, train
 from card_jax import state as state_lib
 from card_jax import writer as writer_lib
 from card_jax.pruning import masks, memory
@@ -144,6 +144,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         log.info("%s is complete (results.json exists); nothing to do", workdir)
         return json.loads(results_path.read_text(encoding="utf-8"))
 
+    if config.eval.corruption_dir:  # fail now, not after training, if the files are missing
+        from card_jax.data import corruption_sets
+
+        names = corruption_sets.CORRUPTIONS + (
+            corruption_sets.EXTRA_CORRUPTIONS if config.eval.extra_corruptions else ())
+        corruption_sets.open_folder(config.eval.corruption_dir, names)
     exp = train.build_experiment(config)
     R = config.train.realizations
     num_levels = len(exp.levels)
@@ -217,13 +223,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 final_plan.end, state, {**metadata, "level": final_plan.index,
                                         "wall_time_s": wall_total,
                                         "bn_recalibration_batches": recalibrate})
-        clean = train.evaluate(compiled, state, data[2], data[3], config.eval.batch_size)
+        evaluation = evaluate.clean_metrics(compiled, state, data[2], data[3],
+                                            config.eval.batch_size)
+        if config.eval.corruption_dir:
+            evaluation.update(evaluate.corruption_metrics(
+                compiled, state, config.eval.corruption_dir, config.eval.batch_size,
+                n_examples=config.eval.corruption_examples,
+                extra=config.eval.extra_corruptions))
+        clean = np.asarray(evaluation["clean_acc"])
     finally:
         if writer:
             writer.flush()
     params0 = state_lib.index(host_state.params, 0)
     results = {
-        "clean_acc": [float(a) for a in clean],
+        **evaluation,
         **compression_report(exp, host_state),
         "packed_bytes": packing.packed_sizes(exp, host_state),
         "num_prunable": [masks.num_prunable(params0)] * R,

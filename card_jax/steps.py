@@ -115,13 +115,20 @@ def make_train_step(
     return train_step
 
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al.)
+
+
 def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
-    """Returns `eval_step(state, images, labels, start) -> correct` for one realization.
+    """Returns `eval_step(state, images, labels, start) -> sums` for one realization.
 
     Evaluates examples [start, start + batch_size) of the device-resident uint8 `images`
-    `[M, H, W, C]` with BatchNorm running statistics (never updated). Indices past M are
-    masked out, so one compiled function serves every batch, the last partial one included.
-    Returns the int32 number of correct predictions.
+    `[M, H, W, C]` with BatchNorm running statistics, which it never updates. Indices past M
+    are masked out, so one compiled function serves every batch, the last partial one
+    included. Returns sums to add up over batches:
+      correct     int32 [], correct top-1 predictions
+      bin_count   f32 [ECE_BINS], examples per confidence bin (max softmax probability)
+      bin_conf    f32 [ECE_BINS], summed confidence per bin
+      bin_correct f32 [ECE_BINS], correct predictions per bin
     """
 
     def eval_step(st: state_lib.TrainState, images, labels, start):
@@ -131,9 +138,25 @@ def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
         x = pipeline.to_float(images[safe])
         logits, _ = forward(graphdef, method, st.params, st.batch_stats, st.method_state, x,
                             train=False)
-        return jnp.sum((jnp.argmax(logits, -1) == labels[safe]) & valid)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        confidence = probs.max(-1)
+        hit = (jnp.argmax(logits, -1) == labels[safe]) & valid
+        bins = jnp.clip((confidence * ECE_BINS).astype(jnp.int32), 0, ECE_BINS - 1)
+        weight = valid.astype(jnp.float32)
+
+        def per_bin(values):
+            return jnp.zeros(ECE_BINS, jnp.float32).at[bins].add(values * weight)
+
+        return {"correct": jnp.sum(hit), "bin_count": per_bin(jnp.ones_like(confidence)),
+                "bin_conf": per_bin(confidence), "bin_correct": per_bin(hit.astype(jnp.float32))}
 
     return eval_step
+
+
+def expected_calibration_error(bin_count, bin_conf, bin_correct) -> jax.Array:
+    """ECE = sum_b |acc_b - conf_b| * n_b / N over the last axis of the bin sums."""
+    total = jnp.maximum(bin_count.sum(-1), 1.0)
+    return jnp.abs(bin_correct - bin_conf).sum(-1) / total
 
 
 def count_prunable(params: Any) -> int:

@@ -249,14 +249,19 @@ class CompiledSteps:
         return [realizations.place(a, self.data_sharding) for a in arrays]
 
 
+def evaluation_sums(compiled: CompiledSteps, state, images, labels,
+                    batch_size: int) -> dict[str, np.ndarray]:
+    """Summed eval statistics per realization (`steps.make_eval_step`), leading axis `[R]`."""
+    sums = None
+    for start in range(0, images.shape[0], batch_size):
+        batch = compiled.eval(state, images, labels, jnp.int32(start))
+        sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
+    return realizations.to_host(sums)
+
+
 def evaluate(compiled: CompiledSteps, state, images, labels, batch_size: int) -> np.ndarray:
     """Accuracy per realization `[R]` on device-resident uint8 images (BN running stats)."""
-    total = images.shape[0]
-    correct = None
-    for start in range(0, total, batch_size):
-        c = compiled.eval(state, images, labels, jnp.int32(start))
-        correct = c if correct is None else correct + c
-    return realizations.to_host(correct) / total
+    return evaluation_sums(compiled, state, images, labels, batch_size)["correct"] / images.shape[0]
 
 
 def format_values(values: np.ndarray) -> str:

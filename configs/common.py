@@ -77,6 +77,9 @@ def get_train(**overrides) -> ml_collections.ConfigDict:
 def get_eval(**overrides) -> ml_collections.ConfigDict:
     ev = ml_collections.ConfigDict()
     ev.batch_size = 1000
+    ev.corruption_dir = ""          # a "-C" folder (CIFAR-10-C layout) to evaluate on; '' = none
+    ev.corruption_examples = -1     # first N images of each cell (-1 = all; more is an error)
+    ev.extra_corruptions = False    # also the 4 extra corruptions (their files must exist)
     ev.update(overrides)
     return ev
 

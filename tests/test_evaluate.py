@@ -1,0 +1,87 @@
+"""Clean/corrupted evaluation: the 15x5 table, ECE, and BN statistics left untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from card_jax import evaluate, run, steps, train
+from card_jax.data import corruption_sets
+from tests.helpers import smoke_config
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def _write_c_folder(folder, images, labels, names):
+    """A "-C" folder whose every cell is the clean test set (CIFAR-10-C layout)."""
+    folder.mkdir()
+    for name in names:
+        np.save(folder / f"{name}.npy", np.concatenate([images] * 5))
+    np.save(folder / "labels.npy", np.concatenate([labels] * 5).astype(np.uint8))
+
+
+def test_identity_corruptions_give_clean_accuracy_in_every_cell(tmp_path):
+    config = smoke_config(train__steps=6)
+    exp = train.build_experiment(config)
+    folder = tmp_path / "C"
+    _write_c_folder(folder, exp.dataset.test_images, exp.dataset.test_labels,
+                    corruption_sets.ALL_CORRUPTIONS)
+    config.eval.corruption_dir = str(folder)
+    config.eval.extra_corruptions = True
+    results = run.train_and_evaluate(config, tmp_path / "run")
+    table = np.array(results["corruption_table"])
+    assert table.shape == (2, 15, 5)
+    assert np.array(results["extra_corruption_table"]).shape == (2, 4, 5)
+    for r in range(2):
+        np.testing.assert_allclose(table[r], results["clean_acc"][r])
+        assert results["corruption_acc"][r] == pytest.approx(table[r].mean())
+        assert results["ece_corrupted"][r] == pytest.approx(results["ece_clean"][r], abs=1e-6)
+        assert 0.0 <= results["ece_clean"][r] <= 1.0
+    assert results["corruption_names"][0] == "gaussian_noise"
+
+
+def test_missing_corruption_folder_fails_before_training(tmp_path):
+    config = smoke_config(train__steps=6)
+    config.eval.corruption_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="gaussian_noise.npy"):
+        run.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_more_examples_than_exist_is_an_error(tmp_path):
+    config = smoke_config(train__steps=2)
+    exp = train.build_experiment(config)
+    folder = tmp_path / "C"
+    _write_c_folder(folder, exp.dataset.test_images[:8], exp.dataset.test_labels[:8],
+                    corruption_sets.CORRUPTIONS)
+    compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
+    state = compiled.place_state(exp.state)
+    with pytest.raises(ValueError, match="9"):
+        evaluate.corruption_metrics(compiled, state, str(folder), 4, n_examples=9)
+
+
+def test_eval_uses_and_keeps_running_statistics():
+    config = smoke_config(model__name="vgg11", train__steps=1)
+    config.model.kw = {"width": 0.0625}
+    exp = train.build_experiment(config)
+    compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
+    state = compiled.place_state(exp.state)
+    x, y = compiled.place_data(exp.dataset.test_images, exp.dataset.test_labels.astype(np.int32))
+    stats_before = {k: np.asarray(v) for k, v in
+                    train.realizations.to_host(state.batch_stats)["layers"]["0"]["bn"].items()}
+    first = train.evaluation_sums(compiled, state, x, y, 64)
+    second = train.evaluation_sums(compiled, state, x, y, 64)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+    stats_after = train.realizations.to_host(state.batch_stats)["layers"]["0"]["bn"]
+    for key, value in stats_before.items():
+        np.testing.assert_array_equal(stats_after[key], value)
+
+
+def test_ece_literal():
+    # Two bins used: 3 examples at confidence 0.9 (2 correct), 1 at 0.55 (correct).
+    count = np.zeros(15); conf = np.zeros(15); correct = np.zeros(15)
+    count[13], conf[13], correct[13] = 3, 2.7, 2
+    count[8], conf[8], correct[8] = 1, 0.55, 1
+    ece = steps.expected_calibration_error(count, conf, correct)
+    assert float(ece) == pytest.approx((abs(2 - 2.7) + abs(1 - 0.55)) / 4)
