@@ -106,11 +106,12 @@ def heatmap(
     Returns:
       float32 `[R, len(eps), H, W]` error rates in [0, 1]; centre = lowest frequency.
     """
-    images = jnp.asarray(images_uint8)
+    # device_put, not jnp.asarray: the latter compiles a tiny staging program per array.
+    images = jax.device_put(images_uint8)
     if images.dtype != jnp.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
     n, h, w, c = images.shape
-    labels = jnp.asarray(np.asarray(labels, dtype=np.int32))
+    labels = jax.device_put(np.asarray(labels, dtype=np.int32))
     eps_arr = np.asarray(eps, dtype=np.float32).reshape(-1)
     num_eps = eps_arr.shape[0]
     batch_size = min(batch_size, n)
@@ -154,8 +155,8 @@ def heatmap(
     step = jax.jit(chunk)
     acc = np.zeros((num_real, num_eps, k_pad), np.int32)
     consts = list(closed.consts)
-    bases_dev = jnp.asarray(bases)
-    eps_dev = jnp.asarray(eps_arr)
+    bases_dev = jax.device_put(bases)
+    eps_dev = jax.device_put(eps_arr)
     # Python ints would be weakly typed and could retrace; int32 arrays keep one signature.
     for f_start in range(0, k_pad, freq_chunk):
         for i_start in range(0, n, batch_size):

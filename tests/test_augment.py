@@ -1,0 +1,153 @@
+"""Gaussian noise, AugMix ops and the JSD loss (SPEC §8): literal images, PIL cross-checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps
+
+from card_jax.data import augment
+
+# One compiled AugMix per (shape, depth) for the whole module: compiling dominates CPU time.
+_augmix = jax.jit(augment.augmix, static_argnames=("width", "depth", "severity", "alpha"))
+
+
+def test_gaussian_noise_hits_about_p_of_the_images_with_std_sigma():
+    x = jnp.full((400, 8, 8, 1), 0.5)
+    out = np.asarray(augment.gaussian_noise(jax.random.key(0), x, sigma=0.1, p=0.5))
+    delta = (out - 0.5).reshape(400, -1)
+    noisy = np.any(delta != 0, axis=1)
+    assert 0.4 < noisy.mean() < 0.6
+    assert np.all(delta[~noisy] == 0)  # untouched images are exactly the input
+    assert abs(delta[noisy].std() - 0.1) < 0.005  # 0.5 +- 5 sigma: clipping never bites
+    ones = augment.gaussian_noise(jax.random.key(1), jnp.ones((16, 4, 4, 3)), p=1.0)
+    assert float(ones.max()) == 1.0 and float(ones.min()) < 1.0  # clipped to [0, 1]
+
+
+def test_lookup_table_ops_on_literal_images():
+    levels = np.array([0, 37, 127, 128, 200, 255], np.uint8).reshape(1, 6, 1)
+    np.testing.assert_array_equal(augment.posterize(levels, 3).ravel(),
+                                  [0, 32, 96, 128, 192, 224])
+    np.testing.assert_array_equal(augment.solarize(levels, 128).ravel(),
+                                  [0, 37, 127, 127, 55, 0])
+    # Channel 0 spans [10, 30] -> [0, 255]; channel 1 is constant -> unchanged.
+    image = np.array([[[10, 7], [20, 7], [30, 7]]], np.uint8)
+    np.testing.assert_array_equal(augment.autocontrast(image)[0],
+                                  [[0, 7], [127, 7], [255, 7]])
+    # Pillow's double arithmetic maps the top of [0, 25] to 254, not 255: reproduced.
+    np.testing.assert_array_equal(augment.autocontrast(np.array([[[0], [25]]], np.uint8)).ravel(),
+                                  [0, 254])
+
+
+def test_equalize_hand_computed():
+    # 600 pixels: 256 x 10, 256 x 20, 88 x 30. step = (600 - 88) // 255 = 2 and
+    # lut[i] = (step // 2 + #pixels below i) // step: 10 -> 0, 20 -> 257 // 2, 30 -> 256 -> 255.
+    values = np.array([10] * 256 + [20] * 256 + [30] * 88, np.uint8).reshape(2, 300, 1)
+    out = np.asarray(augment.equalize(values))
+    np.testing.assert_array_equal(np.unique(out[values == 10]), [0])
+    np.testing.assert_array_equal(np.unique(out[values == 20]), [128])
+    np.testing.assert_array_equal(np.unique(out[values == 30]), [255])
+    tiny = np.array([[[1], [2]], [[3], [4]]], np.uint8)  # step == 0: identity, as in PIL
+    np.testing.assert_array_equal(augment.equalize(tiny), tiny)
+
+
+def test_translations_shift_with_black_fill():
+    row = np.array([[10, 20, 30, 40]], np.uint8)[..., None]  # [1, 4, 1]
+    np.testing.assert_array_equal(augment.translate_x(row, 1).ravel(), [20, 30, 40, 0])
+    np.testing.assert_array_equal(augment.translate_x(row, -1).ravel(), [0, 10, 20, 30])
+    column = row.transpose(1, 0, 2)
+    np.testing.assert_array_equal(augment.translate_y(column, 2).ravel(), [30, 40, 0, 0])
+    np.testing.assert_array_equal(augment.rotate(row, 0), row)  # identity warp is exact
+
+
+def test_ops_match_pillow_on_a_random_image():
+    rng = np.random.RandomState(0)
+    image = (rng.rand(32, 32, 3) * 150 + 40).astype(np.uint8)
+    pil = Image.fromarray(image)
+    exact = [
+        (augment.autocontrast(image), ImageOps.autocontrast(pil)),
+        (augment.equalize(image), ImageOps.equalize(pil)),
+        (augment.posterize(image, 3), ImageOps.posterize(pil, 3)),
+        (augment.solarize(image, 190), ImageOps.solarize(pil, 190)),
+        (augment.translate_x(image, -3), pil.transform((32, 32), Image.AFFINE,
+                                                        (1, 0, -3, 0, 1, 0), Image.BILINEAR)),
+    ]
+    for ours, ref in exact:
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    warps = [
+        (augment.rotate(image, 7), pil.rotate(7, resample=Image.BILINEAR)),
+        (augment.shear_x(image, 0.0837), pil.transform((32, 32), Image.AFFINE,
+                                                      (1, 0.0837, 0, 0, 1, 0), Image.BILINEAR)),
+        (augment.shear_y(image, -0.0513), pil.transform((32, 32), Image.AFFINE,
+                                                      (1, 0, 0, -0.0513, 1, 0), Image.BILINEAR)),
+    ]
+    for ours, ref in warps:
+        # float32 vs Pillow's doubles: where a sample point lands (numerically) on a pixel
+        # centre, truncation may flip by one level. AugMix's levels are continuous, so that is
+        # rare; "round" parameters (e.g. shear 0.08, whose float32 differs from the double)
+        # hit it on a few % of the pixels, hence the generic values here.
+        diff = np.abs(np.asarray(ours, np.int32) - np.asarray(ref, np.int32))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_augmix_is_a_convex_mix_of_chains():
+    key = jax.random.key(0)
+    # Black is a fixed point of all nine ops (tables keep 0, warps fill with 0), so every
+    # chain returns the input and any convex mix of them must too: exactly.
+    black = jnp.zeros((8, 8, 8, 3))
+    np.testing.assert_array_equal(_augmix(key, black), black)
+    # Grey 128 with one op per chain: tables keep a constant image (autocontrast and equalize
+    # are identities on it, 128 survives posterize and lies below every solarize threshold);
+    # warps keep it at 128 except within ~3 px of the border, where black comes in. So the
+    # centre must equal the input and nothing may exceed 128 / 255.
+    grey = jnp.full((8, 16, 16, 3), 128 / 255)
+    out = np.asarray(_augmix(key, grey, depth=1))
+    np.testing.assert_allclose(out[:, 5:11, 5:11], 128 / 255, atol=1e-6)
+    assert out.max() <= 128 / 255 + 1e-6 and out.min() >= 0.0
+    assert np.any(out < 128 / 255 - 1e-3)  # some warp did bring black in
+    rng = np.random.RandomState(1)
+    noise = jnp.asarray(rng.randint(0, 256, (8, 8, 8, 3)) / 255.0, jnp.float32)
+    mixed = np.asarray(_augmix(key, noise))
+    assert mixed.min() >= 0.0 and mixed.max() <= 1.0
+    assert np.abs(mixed - np.asarray(noise)).mean() > 0.01  # it does augment
+
+
+def test_augmix_is_deterministic_per_key():
+    x = jnp.asarray(np.random.RandomState(2).randint(0, 256, (8, 8, 8, 3)) / 255.0, jnp.float32)
+    a = _augmix(jax.random.key(5), x)
+    np.testing.assert_array_equal(a, _augmix(jax.random.key(5), x))
+    assert not np.array_equal(a, _augmix(jax.random.key(6), x))
+
+
+def test_augmix_under_jit_and_vmap_over_realizations_grey_non_square():
+    x = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 5, 7, 1)) / 255.0, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 3)  # R = 3 realizations
+    batched = jax.jit(jax.vmap(augment.AUGMENTATIONS["augmix"], in_axes=(0, None)))(keys, x)
+    assert batched.shape == (3, 2, 5, 7, 1)
+    for r in range(3):
+        np.testing.assert_allclose(batched[r], _augmix(keys[r], x), atol=1e-6)
+    assert not np.allclose(batched[0], batched[1])
+
+
+def test_registry_has_a_uniform_signature():
+    x = jnp.full((4, 6, 6, 3), 0.5)
+    key = jax.random.key(0)
+    assert set(augment.AUGMENTATIONS) == {"none", "gaussian", "augmix"}
+    np.testing.assert_array_equal(augment.AUGMENTATIONS["none"](key, x), x)
+    assert augment.AUGMENTATIONS["gaussian"](key, x).shape == x.shape
+
+
+def test_jsd_is_zero_for_identical_views_and_positive_otherwise():
+    logits = jnp.array([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    assert abs(float(augment.jsd_loss(logits, logits, logits))) < 1e-6
+    other = logits[:, ::-1]
+    value = float(augment.jsd_loss(logits, other, logits))
+    assert value > 0.01
+    # Against the definition: mean over views of sum p log(p / M) / B.
+    p = [jax.nn.softmax(z) for z in (logits, other, logits)]
+    m = np.clip(sum(np.asarray(q) for q in p) / 3, 1e-7, 1)
+    expected = np.mean([np.sum(np.asarray(q) * np.log(np.asarray(q) / m)) / 2 for q in p])
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    assert augment.JSD_WEIGHT == 12.0
+
