@@ -28,6 +28,7 @@ class BatchSpec:
     crop_padding: int
     flip: bool
     augment: str = "none"       # card_jax.data.augment.AUGMENTATIONS key (SPEC §8)
+    jsd: bool = False           # AugMix's Jensen-Shannon consistency loss (two augmented views)
 
 
 def forward(graphdef, method: Method, params, batch_stats, method_state, x, train: bool):
@@ -61,14 +62,15 @@ def make_train_step(
     Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
     """
 
-    augment_fn = None
-    if spec.augment != "none":
+    augment_fn, jsd_loss, jsd_weight = None, None, 0.0
+    if spec.augment != "none" or spec.jsd:
         from card_jax.data import augment  # only runs that augment need it
 
-        if spec.augment not in augment.AUGMENTATIONS:
-            raise ValueError(f"data.augment={spec.augment!r}; valid: "
-                             f"{', '.join(sorted(augment.AUGMENTATIONS))}")
+        if spec.augment not in augment.AUGMENTATIONS or spec.augment == "none":
+            raise ValueError(f"data.augment={spec.augment!r}" + (" with data.jsd" if spec.jsd
+                             else "") + "; valid: augmix, gaussian")
         augment_fn = augment.AUGMENTATIONS[spec.augment]
+        jsd_loss, jsd_weight = augment.jsd_loss, augment.JSD_WEIGHT
 
     def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
         idx = pipeline.batch_indices(
@@ -80,7 +82,12 @@ def make_train_step(
             jax.random.fold_in(seed_key, state_lib.AUGMENT_STREAM), st.step)
         x = pipeline.random_crop_flip(
             aug_key, pipeline.to_float(images[idx]), spec.crop_padding, spec.flip)
-        if augment_fn is not None:
+        if spec.jsd:
+            # (clean, aug1, aug2) as ONE forward batch [3B]: one pass, and BatchNorm sees all
+            # three views as in the reference AugMix training (SPEC §8(a), (c)).
+            x = jnp.concatenate([x, augment_fn(jax.random.fold_in(aug_key, 1), x),
+                                 augment_fn(jax.random.fold_in(aug_key, 2), x)])
+        elif augment_fn is not None:
             # After crop/flip, on [0, 1] pixels, before the model's normalisation (SPEC §8).
             x = augment_fn(jax.random.fold_in(aug_key, 1), x)
         x = constrain_batch(x)
@@ -91,6 +98,11 @@ def make_train_step(
             logits, batch_stats = forward(
                 graphdef, method, params, batch_stats=st.batch_stats,
                 method_state=method_state, x=x, train=True)
+            if spec.jsd:
+                clean, aug1, aug2 = jnp.split(logits, 3)
+                loss = (optax.softmax_cross_entropy_with_integer_labels(clean, y).mean()
+                        + jsd_weight * jsd_loss(clean, aug1, aug2))
+                return loss, (clean, batch_stats)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (logits, batch_stats)
 

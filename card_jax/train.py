@@ -222,7 +222,7 @@ class CompiledSteps:
             lambda x: jax.lax.with_sharding_constraint(x, realizations.batch_sharding(mesh)))
         spec = steps.BatchSpec(cfg.train.batch_size, len(exp.dataset.train_images),
                                cfg.data.seed, cfg.data.crop_padding, cfg.data.flip,
-                               cfg.data.augment)
+                               cfg.data.augment, cfg.data.jsd)
         train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
                                           constrain)
         eval_one = steps.make_eval_step(exp.graphdef, exp.method, cfg.eval.batch_size)

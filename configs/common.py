@@ -21,6 +21,7 @@ def get_data(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
     data.train_examples = -1    # -1 = all; more than exist is an error
     data.test_examples = -1
     data.augment = "none"       # none | augmix | gaussian (train-time, SPEC §8)
+    data.jsd = False            # AugMix Jensen-Shannon consistency loss, weight 12 (SPEC §8(a))
     data.synthetic = ml_collections.ConfigDict(
         dict(train_size=512, test_size=256, image_size=32, channels=3, num_classes=10, seed=0)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image, ImageOps
 
 from card_jax.data import augment
@@ -151,3 +152,23 @@ def test_jsd_is_zero_for_identical_views_and_positive_otherwise():
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     assert augment.JSD_WEIGHT == 12.0
 
+
+
+@pytest.mark.parametrize("augment, jsd", [("augmix", False), ("augmix", True),
+                                          ("gaussian", False)])
+def test_training_with_augmentation(augment, jsd, tmp_path, fast_compile):
+    from card_jax import run
+    from tests.helpers import smoke_config
+
+    config = smoke_config(train__steps=4, data__augment=augment, data__jsd=jsd)
+    results = run.train_and_evaluate(config, tmp_path)
+    assert len(results["clean_acc"]) == 2
+    assert all(np.isfinite(results["clean_acc"]))
+
+
+def test_jsd_without_augmentation_is_refused(tmp_path):
+    from card_jax import run
+    from tests.helpers import smoke_config
+
+    with pytest.raises(ValueError, match="data.jsd"):
+        run.train_and_evaluate(smoke_config(train__steps=2, data__jsd=True), tmp_path)
