@@ -30,13 +30,23 @@ from flax import nnx
 
 from card_jax import state as state_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a finished card_jax run directory")
-_OUT = flags.DEFINE_string("out", None, "output path (.npz; with --packed, may contain {r})")
-_PACKED = flags.DEFINE_bool("packed", False, "write compact card_jax.packing files")
-_VALUE_DTYPE = flags.DEFINE_enum("value_dtype", "float32", ["float32", "float16"],
-                                 "--packed: storage of full-precision values")
-_REALIZATION = flags.DEFINE_integer("realization", -1,
-                                    "--packed: only this realization (-1 = all)")
+_WORKDIR = None
+_OUT = None
+_PACKED = None
+_VALUE_DTYPE = None
+_REALIZATION = None
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so importing this module defines no flags."""
+    global _WORKDIR, _OUT, _PACKED, _VALUE_DTYPE, _REALIZATION
+    _WORKDIR = flags.DEFINE_string("workdir", None, "a finished card_jax run directory")
+    _OUT = flags.DEFINE_string("out", None, "output path (.npz; with --packed, may contain {r})")
+    _PACKED = flags.DEFINE_bool("packed", False, "write compact card_jax.packing files")
+    _VALUE_DTYPE = flags.DEFINE_enum("value_dtype", "float32", ["float32", "float16"],
+                                     "--packed: storage of full-precision values")
+    _REALIZATION = flags.DEFINE_integer("realization", -1,
+                                        "--packed: only this realization (-1 = all)")
 
 
 def _path_key(path) -> str:
@@ -214,4 +224,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
