@@ -160,7 +160,7 @@ def generate(dataset: str, out: str | Path, data_dir: str = "",
              corruptions: str | Sequence[str] = "all",
              severities: str | Sequence[int] = "1,2,3,4,5", examples: int = -1,
              seed: int = 0, progress: str = "auto",
-             batch_size: int = 512) -> dict[str, float]:
+             batch_size: int = 512, synthetic: dict | None = None) -> dict[str, float]:
     """Writes the corrupted test set (see the module docstring).
 
     Returns:
@@ -177,7 +177,7 @@ def generate(dataset: str, out: str | Path, data_dir: str = "",
 
     if "frost" in names:
         corr.frost_texture_dir()  # a missing package fails now, not after hours of work
-    ds = sources.load(dataset, data_dir, pad_to=0)
+    ds = sources.load(dataset, data_dir, pad_to=0, synthetic=synthetic)
     images, labels = ds.test_images, ds.test_labels
     if examples != -1:
         if examples < 1 or examples > len(images):

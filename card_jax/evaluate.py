@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from card_jax import steps, train
-from card_jax.data import corruption_sets
+from card_jax.data import corruption_sets, sources
 
 log = logging.getLogger("card_jax")
 
@@ -32,7 +32,7 @@ def clean_metrics(compiled, state, images, labels, batch_size: int) -> dict:
 
 
 def corruption_metrics(compiled, state, folder: str, batch_size: int, *,
-                       n_examples: int = -1, extra: bool = False) -> dict:
+                       n_examples: int = -1, extra: bool = False, pad_to: int = 0) -> dict:
     """Accuracy of every (corruption, severity) cell of a "-C" folder, per realization.
 
     Returns (lists over realizations):
@@ -41,6 +41,8 @@ def corruption_metrics(compiled, state, folder: str, batch_size: int, *,
       corruption_names      the 15 names, in table order
       extra_corruption_table / extra_corruption_names   the 4 extras, if `extra`
       ece_corrupted         [R] ECE over all benchmark cells pooled
+    Cells are zero-padded to `pad_to` like the clean data (corrupt first, then pad: the
+    corruption sees the original image, the model its usual input size).
     """
     results = {}
     groups = [("", corruption_sets.CORRUPTIONS)]
@@ -51,6 +53,8 @@ def corruption_metrics(compiled, state, folder: str, batch_size: int, *,
         table = {}
         for name, severity, images, labels in corruption_sets.iterate(
                 folder, names, corruption_sets.SEVERITIES, n_examples):
+            if pad_to:
+                images = sources.pad_images(images, pad_to, f"{name} severity {severity}")
             x, y = compiled.place_data(images, labels.astype(np.int32))
             sums = train.evaluation_sums(compiled, state, x, y, batch_size)
             table[name, severity] = sums["correct"] / len(images)

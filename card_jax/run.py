@@ -134,6 +134,23 @@ def _recalibrate_batch_norm(exp, compiled, state, data, batches: int):
     return state
 
 
+def _prepare_corruptions(config) -> None:
+    """Checks (and with eval.generate_corruptions first writes) the "-C" evaluation set."""
+    from card_jax.data import corruption_sets
+
+    names = corruption_sets.CORRUPTIONS + (
+        corruption_sets.EXTRA_CORRUPTIONS if config.eval.extra_corruptions else ())
+    if config.eval.generate_corruptions:
+        from card_jax import corrupt
+
+        examples = config.data.test_examples
+        corrupt.generate(config.data.name, config.eval.corruption_dir, config.data.dir,
+                         corruptions=list(names), examples=examples,
+                         progress=config.train.progress,
+                         synthetic=train.synthetic_options(config.data))
+    corruption_sets.open_folder(config.eval.corruption_dir, names)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains every level of the configured method for R realizations; returns results.json."""
     workdir = pathlib.Path(workdir)
@@ -145,11 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         return json.loads(results_path.read_text(encoding="utf-8"))
 
     if config.eval.corruption_dir:  # fail now, not after training, if the files are missing
-        from card_jax.data import corruption_sets
-
-        names = corruption_sets.CORRUPTIONS + (
-            corruption_sets.EXTRA_CORRUPTIONS if config.eval.extra_corruptions else ())
-        corruption_sets.open_folder(config.eval.corruption_dir, names)
+        _prepare_corruptions(config)
     exp = train.build_experiment(config)
     R = config.train.realizations
     num_levels = len(exp.levels)
@@ -229,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             evaluation.update(evaluate.corruption_metrics(
                 compiled, state, config.eval.corruption_dir, config.eval.batch_size,
                 n_examples=config.eval.corruption_examples,
-                extra=config.eval.extra_corruptions))
+                extra=config.eval.extra_corruptions, pad_to=config.data.pad_to))
         clean = np.asarray(evaluation["clean_acc"])
     finally:
         if writer:

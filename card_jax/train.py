@@ -67,13 +67,17 @@ def _take(images: np.ndarray, labels: np.ndarray, count: int, what: str):
     return images[:count], labels[:count]
 
 
-def load_data(data_config) -> sources.Dataset:
+def synthetic_options(data_config) -> dict:
+    """`config.data.synthetic` in the form `sources.load(synthetic=...)` takes."""
     syn = data_config.synthetic
-    synthetic = dict(train_size=syn.train_size, test_size=syn.test_size,
-                     image_shape=(syn.image_size, syn.image_size, syn.channels),
-                     num_classes=syn.num_classes, seed=syn.seed)
+    return dict(train_size=syn.train_size, test_size=syn.test_size,
+                image_shape=(syn.image_size, syn.image_size, syn.channels),
+                num_classes=syn.num_classes, seed=syn.seed)
+
+
+def load_data(data_config) -> sources.Dataset:
     ds = sources.load(data_config.name, data_config.dir, pad_to=data_config.pad_to,
-                      synthetic=synthetic)
+                      synthetic=synthetic_options(data_config))
     train_x, train_y = _take(ds.train_images, ds.train_labels, data_config.train_examples,
                              "train_examples")
     test_x, test_y = _take(ds.test_images, ds.test_labels, data_config.test_examples,

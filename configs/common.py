@@ -81,6 +81,8 @@ def get_eval(**overrides) -> ml_collections.ConfigDict:
     ev.corruption_dir = ""          # a "-C" folder (CIFAR-10-C layout) to evaluate on; '' = none
     ev.corruption_examples = -1     # first N images of each cell (-1 = all; more is an error)
     ev.extra_corruptions = False    # also the 4 extra corruptions (their files must exist)
+    ev.generate_corruptions = False  # write the "-C" set of data.name's test split into
+                                     # corruption_dir first if it is incomplete (resumable)
     ev.update(overrides)
     return ev
 

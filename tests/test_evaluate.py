@@ -85,3 +85,19 @@ def test_ece_literal():
     count[8], conf[8], correct[8] = 1, 0.55, 1
     ece = steps.expected_calibration_error(count, conf, correct)
     assert float(ece) == pytest.approx((abs(2 - 2.7) + abs(1 - 0.55)) / 4)
+
+
+def test_generated_corruptions_are_padded_like_the_clean_data(tmp_path):
+    config = smoke_config(train__steps=2, data__pad_to=32, data__test_examples=8,
+                          data__crop_padding=0)
+    config.data.synthetic.image_size = 28
+    config.data.synthetic.channels = 1
+    config.model.kw = {"width": 0.125, "image_size": 32}
+    config.eval.corruption_dir = str(tmp_path / "C")
+    config.eval.generate_corruptions = True
+    config.eval.extra_corruptions = True
+    config.train.progress = "none"
+    results = run.train_and_evaluate(config, tmp_path / "run")
+    assert np.array(results["corruption_table"]).shape == (2, 15, 5)
+    assert np.load(tmp_path / "C" / "gaussian_noise.npy").shape == (40, 28, 28, 1)
+    assert results["dataset"]["image_shape"] == [32, 32, 1]

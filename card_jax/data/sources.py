@@ -187,7 +187,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _pad_images(images: np.ndarray, pad_to: int, name: str) -> np.ndarray:
+def pad_images(images: np.ndarray, pad_to: int, name: str = "images") -> np.ndarray:
     """Zero-pads `[N, H, W, C]` to `[N, pad_to, pad_to, C]`, centred.
 
     When the total padding of an axis is odd, the extra pixel goes after the image (bottom or
@@ -892,8 +892,8 @@ def load(
     if pad_to:
         dataset = dataclasses.replace(
             dataset,
-            train_images=_read_only(_pad_images(dataset.train_images, pad_to, name)),
-            test_images=_read_only(_pad_images(dataset.test_images, pad_to, name)),
+            train_images=_read_only(pad_images(dataset.train_images, pad_to, name)),
+            test_images=_read_only(pad_images(dataset.test_images, pad_to, name)),
         )
     return dataset
 
