@@ -60,20 +60,35 @@ def _write_json(path: pathlib.Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_config(workdir: pathlib.Path, config) -> None:
-    """Writes config.json, or checks that an existing run in `workdir` has the same config."""
+# Keys that change how a run is evaluated or reported, never what it trains: a resumed or
+# finished run may change them (e.g. evaluate on another "-C" set).
+VOLATILE_PREFIXES = ("eval.", "train.progress", "train.log_every")
+
+
+def _check_config(workdir: pathlib.Path, config) -> bool:
+    """Writes config.json, or checks that an existing run in `workdir` has the same config.
+
+    Returns True if only volatile keys (VOLATILE_PREFIXES) changed, which invalidates the
+    results but not the checkpoints.
+    """
     path = workdir / CONFIG_FILE
     new = config_util.to_dict(config)
-    if path.exists():
+    existed = path.exists()
+    if existed:
         old = json.loads(path.read_text(encoding="utf-8"))
         changes = config_util.diff(old, new)
-        if changes:
+        fixed = [c for c in changes if not c.startswith(VOLATILE_PREFIXES)]
+        if fixed:
             raise ConfigMismatchError(
                 f"{workdir} already holds a run with a different config; use a new --workdir "
-                "or the same config. Differences (saved -> requested):\n  " + "\n  ".join(changes))
-        return
+                "or the same config. Differences (saved -> requested):\n  " + "\n  ".join(fixed))
+        if not changes:
+            return False
+        log.info("evaluation settings changed (%s): re-evaluating from the checkpoints",
+                 "; ".join(changes))
     if jax.process_index() == 0:
         _write_json(path, new)
+    return existed
 
 
 def _per_realization(tree, count: int) -> list:
@@ -155,9 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains every level of the configured method for R realizations; returns results.json."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_config(workdir, config)
+    reevaluate = _check_config(workdir, config)
     results_path = workdir / RESULTS_FILE
-    if results_path.exists():
+    if results_path.exists() and not reevaluate:
         log.info("%s is complete (results.json exists); nothing to do", workdir)
         return json.loads(results_path.read_text(encoding="utf-8"))
 

@@ -146,3 +146,10 @@ def test_default_config_smoke_variant_on_fashion_mnist(tmp_path):
     assert results["dataset"]["image_shape"] == [32, 32, 1]
     assert results["steps"] == [20, 20]
     assert min(results["clean_acc"]) > 0.2  # 20 steps on 10 classes: clearly above chance
+
+
+def test_evaluation_settings_may_change_on_a_finished_run(tmp_path):
+    first = run.train_and_evaluate(smoke_config(train__steps=3), tmp_path)
+    again = run.train_and_evaluate(smoke_config(train__steps=3, eval__batch_size=64), tmp_path)
+    assert again["clean_acc"] == first["clean_acc"]  # re-evaluated from the final checkpoint
+    assert json.loads((tmp_path / "config.json").read_text())["eval"]["batch_size"] == 64
