@@ -26,7 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.crop_padding = 0
     config.data.flip = False
     config.model = common.get_model("conv4", width=0.25)
-    config.optim = common.get_optim(lr=0.05, weight_decay=5e-4, schedule="cosine")
+    # A short linear warm-up: without BatchNorm, a Conv-4 at lr 0.05 can die in its first
+    # steps (all-zero ReLUs, loss stuck at ln 10); seen for one seed with Gaussian noise.
+    config.optim = common.get_optim(lr=0.05, weight_decay=5e-4, schedule="cosine",
+                                    warmup_epochs=0.1)
     # For --config.method.name=...: the global EP/BP warm-up takes the first of the 2 epochs;
     # LTH/LRR reach their sparsity in 2 pruning levels (3 trainings).
     config.method = common.get_method("dense", sparsity=0.8, warmup_epochs=1.0, levels=2)
