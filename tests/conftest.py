@@ -15,6 +15,7 @@ def fast_compile():
     """For tests that check structure, not speed: skip XLA's optimisation passes."""
     import jax
 
+    old = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     yield
-    jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_disable_most_optimizations", old)

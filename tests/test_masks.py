@@ -15,13 +15,8 @@ from card_jax import models, state
 from card_jax.pruning import masks, memory, schedules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA's optimisation passes dominate CPU compile time of these tiny graphs (DESIGN §7)."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# XLA's optimisation passes dominate CPU compile time of these tiny graphs (DESIGN §7).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _np(tree):

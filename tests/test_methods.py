@@ -18,13 +18,8 @@ from card_jax import pruning
 from card_jax.pruning import biprop, edgepopup, masks, schedules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA's optimisation passes dominate CPU compile time of these tiny graphs (DESIGN §7)."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# XLA's optimisation passes dominate CPU compile time of these tiny graphs (DESIGN §7).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 # --------------------------------------------------------------------------- fixtures
 
