@@ -81,6 +81,7 @@ def heatmaps_for(workdir: pathlib.Path, eps, examples: int, seed: int) -> np.nda
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from card_jax.fourier import heatmap
 
     if not _WORKDIR.value:
