@@ -203,8 +203,8 @@ def main(argv):
     del argv
     import logging
 
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # Orbax logs every read at INFO
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if not _WORKDIR.value or not _OUT.value:
         print("error: --workdir and --out are required", file=sys.stderr)
         sys.exit(2)
