@@ -103,6 +103,8 @@ def main(argv):
     title = f"{config['model']['name']} {config['method']['name']}"
     if config["method"]["name"] != "dense":
         title += f" {config['method']['sparsity']:.0%} {config['method']['scope']}"
+    if config["data"].get("augment", "none") != "none":
+        title += f" {config['data']['augment']}"
     paths = heatmap.save_heatmaps(err, eps, out, title, baseline)
     (out / META_FILE).write_text(json.dumps(
         {"eps": eps, "examples": _EXAMPLES.value, "seed": _SEED.value,
