@@ -145,7 +145,8 @@ def test_default_config_smoke_variant_on_fashion_mnist(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"]["image_shape"] == [32, 32, 1]
     assert results["steps"] == [20, 20]
-    assert min(results["clean_acc"]) > 0.2  # 20 steps on 10 classes: clearly above chance
+    # 20 steps on 10 classes (chance 0.1): both above chance, one well on its way.
+    assert min(results["clean_acc"]) > 0.15 and max(results["clean_acc"]) > 0.5
 
 
 def test_evaluation_settings_may_change_on_a_finished_run(tmp_path):
