@@ -49,14 +49,11 @@ def _define_flags() -> None:
                                         "--packed: only this realization (-1 = all)")
 
 
-def _path_key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
-
-
 def flatten_named(tree, prefix: str) -> dict[str, np.ndarray]:
     """{'prefix/a/b': array} for every leaf of a nested dict pytree."""
-    return {f"{prefix}/{_path_key(path)}": np.asarray(leaf)
+    from card_jax.pruning.masks import path_str
+
+    return {f"{prefix}/{path_str(path)}": np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

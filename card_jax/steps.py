@@ -169,13 +169,6 @@ def expected_calibration_error(bin_count, bin_conf, bin_correct) -> jax.Array:
     """ECE = sum_b |acc_b - conf_b| * n_b / N over the last axis of the bin sums."""
     total = jnp.maximum(bin_count.sum(-1), 1.0)
     return jnp.abs(bin_correct - bin_conf).sum(-1) / total
-
-
-def count_prunable(params: Any) -> int:
-    """Weights in conv and dense kernels (ndim >= 2); never biases or BatchNorm."""
-    return sum(int(x.size) for x in jax.tree.leaves(params) if x.ndim >= 2)
-
-
 def make_bn_step(graphdef, method: Method, spec: BatchSpec) -> Callable:
     """Returns `bn_step(state, images, labels, i) -> state` for one realization.
 

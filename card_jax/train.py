@@ -23,7 +23,7 @@ from flax import nnx
 from card_jax import checkpoint as checkpoint_lib
 from card_jax import config_util, models, optim, pruning, realizations, steps
 from card_jax import state as state_lib
-from card_jax import writer as writer_lib  # noqa: F401  (type of LevelContext.writer)
+from card_jax import writer as writer_lib
 from card_jax.data import sources
 from card_jax.progress import Progress
 
