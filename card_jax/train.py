@@ -373,9 +373,9 @@ def train_level(exp: Experiment, plan: LevelPlan, compiled: CompiledSteps, initi
             if done % ckpt_every == 0 or last:
                 _raise_if_nonfinite(state, done, plan.index)
                 wall = wall_before + time.monotonic() - tic
-                ckpt.save(done, state, {**ctx.metadata, "level": plan.index, "wall_time_s": wall})
-                if ctx.writer:
+                if ctx.writer:  # metrics up to `done` must be on disk before its checkpoint
                     ctx.writer.flush()
+                ckpt.save(done, state, {**ctx.metadata, "level": plan.index, "wall_time_s": wall})
     finally:
         progress.close()
     if start == plan.end and restored is None:
