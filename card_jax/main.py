@@ -33,6 +33,14 @@ def precheck(argv: list[str]) -> None:
     config = config_util.load_config_file(specs[-1])
     config_util.apply_overrides(config, argv)
     config_util.refuse_legacy_keys(config)
+    if "deck" in config:  # a CARD-Deck of finished runs: no data/method of its own
+        from card_jax.deck import members, options
+
+        options.check(config)
+        members.check(members.describe(config.deck.members), options.groups_of(config))
+        if not any(a.startswith("--workdir=") for a in argv) and "--workdir" not in argv:
+            raise config_util.ConfigError("--workdir=DIR is required")
+        return
     # Fail fast on a missing dataset, before JAX is even imported (numpy-only check).
     from card_jax.data import sources
 
@@ -64,7 +72,12 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_util.refuse_legacy_keys(config)
-        run.train_and_evaluate(config, _WORKDIR.value)
+        if "deck" in config:
+            from card_jax.deck import run as deck_run
+
+            deck_run.build_and_evaluate(config, _WORKDIR.value)
+        else:
+            run.train_and_evaluate(config, _WORKDIR.value)
     except (config_util.ConfigError, run.ConfigMismatchError, FileNotFoundError,
             checkpoint.CheckpointError, ValueError) as e:
         logging.error("%s", e)

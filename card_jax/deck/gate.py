@@ -1,0 +1,250 @@
+"""Spectral gating of a domain-adaptive CARD-Deck (paper §3.2, SPEC §1(c)-(e)).
+
+Offline, for each augmentation group a (AugMix, Gaussian, or any name in
+`card_jax.data.augment.AUGMENTATIONS`), P = 5000 training images are drawn once (seeded), the
+augmentation is applied and their spectral features f^ (`card_jax.deck.spectral`) are kept:
+the group's representatives `[P, D]`. At test time a batch of M = 100 images goes to the group
+whose nearest representative is closest to the batch's mean feature (`spectral.d_ss`).
+
+Two exact nearest-neighbour searches give the same answer: brute force on device (default,
+`nn="brute"`: one `[G, P, D]` array, one matmul per group plus an exact re-ranking) and
+scipy's `cKDTree` on the host (`nn="kdtree"`, the paper's structure).
+
+The pure functions (`gate_scores`, `choose`) are jittable; `representative_features` runs
+the augmentation on device in chunks; `load_or_build` keeps the features on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import zlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from card_jax.deck import spectral
+
+log = logging.getLogger("card_jax")
+
+GATE_DIR = "gate"
+GATE_FILE = "gate.json"
+NN_METHODS = ("brute", "kdtree")
+_CHUNK = 250  # representatives augmented per compiled call (bounded memory, one compile)
+
+
+# ---------------------------------------------------------------------------------------------
+# Representatives
+
+
+def augmentation_fn(group: str, gaussian_always_noisy: bool = False) -> Callable:
+    """The train-time augmentation `fn(key, x01 [B, H, W, C]) -> [B, H, W, C]` of a group.
+
+    With `gaussian_always_noisy`, the "gaussian" group adds noise to every representative
+    instead of to each with p = 0.5 as in training (SPEC §1(e): the paper does not say).
+    """
+    from card_jax.data import augment
+
+    if group not in augment.AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation group {group!r}; valid: "
+                         f"{', '.join(augment.AUGMENTATIONS)}")
+    if group == "gaussian" and gaussian_always_noisy:
+        return functools.partial(augment.gaussian_noise, p=1.0)
+    return augment.AUGMENTATIONS[group]
+
+
+def group_key(seed: int, group: str) -> jax.Array:
+    """The key of a group's representatives: depends on the group's name, not its position,
+    so adding or reordering groups leaves the others' samples unchanged."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(group.encode()) & 0x7FFFFFFF)
+
+
+def pad_centred(x: jax.Array, size: int) -> jax.Array:
+    """Zero-pads float `[B, H, W, C]` to `[B, size, size, C]` like `sources.pad_images` (the
+    odd pixel after the image); `size` 0 or the image size is the identity."""
+    _, height, width, _ = x.shape
+    if size == 0 or (height, width) == (size, size):
+        return x
+    top, left = (size - height) // 2, (size - width) // 2
+    return jnp.pad(x, ((0, 0), (top, size - height - top), (left, size - width - left), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _features_of_chunk(key, train_images, indices, augment_fn, options, pad_to):
+    x = train_images[indices].astype(jnp.float32) * (1.0 / 255.0)
+    return spectral.spectral_feature(pad_centred(augment_fn(key, x), pad_to), options)
+
+
+def representative_features(key: jax.Array, train_images: np.ndarray, count: int, group: str,
+                            options: spectral.SpectrumOptions = spectral.SpectrumOptions(),
+                            gaussian_always_noisy: bool = False, pad_to: int = 0
+                            ) -> np.ndarray:
+    """Features `[count, D]` float32 of `count` training images with the group's augmentation.
+
+    Args:
+      key: e.g. `group_key(seed, group)`.
+      train_images: uint8 `[N, H, W, C]`: as the members trained on them (already padded),
+        or unpadded with `pad_to` > 0.
+      count: P. Drawn without replacement when P <= N, with replacement otherwise.
+      pad_to: zero-pad AFTER the augmentation to this size (0 = no padding): the order in
+        which "-C" test cells are made (corrupt, then pad), see `deck.augment_unpadded`.
+    """
+    n = len(train_images)
+    pick_key, augment_key = jax.random.split(key)
+    if count <= n:
+        indices = jax.random.permutation(pick_key, n)[:count]
+    else:
+        log.info("deck gate: %d representatives from %d training images (with replacement)",
+                 count, n)
+        indices = jax.random.randint(pick_key, (count,), 0, n)
+    indices = np.asarray(indices, np.int32)
+    augment_fn = augmentation_fn(group, gaussian_always_noisy)
+    images = jnp.asarray(train_images)
+    chunks = []
+    for c, start in enumerate(range(0, count, _CHUNK)):
+        part = indices[start:start + _CHUNK]
+        padded = np.pad(part, (0, _CHUNK - len(part)))  # fixed shape: one compilation
+        out = _features_of_chunk(jax.random.fold_in(augment_key, c), images,
+                                 jnp.asarray(padded), augment_fn, options, int(pad_to))
+        chunks.append(np.asarray(out)[:len(part)])
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def settings(groups, representatives: int, seed: int, gaussian_always_noisy: bool,
+             options: spectral.SpectrumOptions, data: dict, pad_after: int = 0) -> dict:
+    """What the saved representatives depend on (gate.json); `data` identifies the training
+    images (dataset name, image shape, train_examples, pad_to); `pad_after` is
+    `representative_features`' pad_to."""
+    return {"groups": list(groups), "representatives": int(representatives), "seed": int(seed),
+            "gaussian_always_noisy": bool(gaussian_always_noisy), "pad_after": int(pad_after),
+            "spectrum": options.to_dict(), "data": data, "format_version": 1}
+
+
+def load_or_build(directory: str | os.PathLike, wanted: dict,
+                  train_images: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
+    """{group: features `[P, D]`} from `directory/gate/` if saved with the same settings, else
+    computed (`train_images()` is called only then) and saved: `<group>.npy` + gate.json.
+
+    gate.json is written last (atomically), so an interrupted build is simply redone.
+    """
+    folder = pathlib.Path(directory) / GATE_DIR
+    meta_path = folder / GATE_FILE
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = {g: folder / f"{g}.npy" for g in wanted["groups"]}
+        if meta.get("settings") == wanted and all(f.exists() for f in files.values()):
+            log.info("deck gate: reusing the representatives in %s", folder)
+            return {g: np.load(f) for g, f in files.items()}
+        log.info("deck gate: %s holds other settings; recomputing the representatives", folder)
+    images = train_images()
+    options = spectral.SpectrumOptions(**wanted["spectrum"])
+    folder.mkdir(parents=True, exist_ok=True)
+    features = {}
+    for group in wanted["groups"]:
+        features[group] = representative_features(
+            group_key(wanted["seed"], group), images, wanted["representatives"], group,
+            options, wanted["gaussian_always_noisy"], wanted["pad_after"])
+        np.save(folder / f"{group}.npy", features[group])
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"settings": wanted,
+                               "files": {g: f"{g}.npy" for g in wanted["groups"]},
+                               "feature_dim": int(features[wanted["groups"][0]].shape[1])},
+                              indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, meta_path)
+    log.info("deck gate: %d representatives per group (%s), %d features each, saved in %s",
+             wanted["representatives"], ", ".join(wanted["groups"]),
+             features[wanted["groups"][0]].shape[1], folder)
+    return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Gating (pure)
+
+
+def query_features(images: jax.Array, valid: jax.Array, options: spectral.SpectrumOptions,
+                   per_example: bool) -> jax.Array:
+    """The gate's queries: `[1, D]` batch mean of the valid rows, or `[M, D]` per example.
+
+    Args:
+      images: uint8 or float `[M, H, W, C]` (a test batch, padded to M).
+      valid: bool `[M]`.
+    """
+    features = spectral.spectral_feature(images, options)
+    if per_example:
+        return features
+    return spectral.batch_mean(features, valid)[None]
+
+
+def brute_force_distances(references: jax.Array, queries: jax.Array) -> jax.Array:
+    """`[Q, G]` distance of each query `[Q, D]` to the nearest representative of each group
+    (`references` `[G, P, D]`), exact, on device."""
+    return jax.vmap(spectral.nearest_distance, in_axes=(0, None), out_axes=1)(references,
+                                                                               queries)
+
+
+def choose(distances: jax.Array) -> jax.Array:
+    """a* = argmin over groups (the last axis); ties go to the first group."""
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+def gate_scores(references: jax.Array, images: jax.Array, valid: jax.Array,
+                options: spectral.SpectrumOptions, per_example: bool
+                ) -> tuple[jax.Array, jax.Array]:
+    """(choice int32 `[Q]`, distances `[Q, G]`) of one test batch, brute force on device.
+
+    Q = 1 for batch gating (the paper's), Q = M with `per_example`.
+    """
+    distances = brute_force_distances(references,
+                                      query_features(images, valid, options, per_example))
+    return choose(distances), distances
+
+
+class KDTreeSearch:
+    """One scipy `cKDTree` per group over its representatives (float64, exact search)."""
+
+    def __init__(self, references: np.ndarray):
+        from scipy.spatial import cKDTree
+
+        self.trees = [cKDTree(np.asarray(r, np.float64)) for r in references]
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """`[Q, G]` nearest-representative distance of each query `[Q, D]` in each group."""
+        queries = np.asarray(queries, np.float64)
+        return np.stack([tree.query(queries, k=1)[0] for tree in self.trees], axis=-1)
+
+
+class Gate:
+    """The deck's gate: `gate(images uint8 [M, H, W, C], valid bool [M]) -> (choice [Q],
+    distances [Q, G])` as numpy, with the configured nearest-neighbour search.
+
+    Args:
+      references: `[G, P, D]` representatives, groups in deck order.
+      nn: "brute" (one jitted call on device) or "kdtree" (features on device, search on the
+        host with `KDTreeSearch`).
+    """
+
+    def __init__(self, references: np.ndarray, options: spectral.SpectrumOptions,
+                 per_example: bool = False, nn: str = "brute"):
+        if nn not in NN_METHODS:
+            raise ValueError(f"deck.nn must be one of {NN_METHODS}, got {nn!r}")
+        self.nn, self.options, self.per_example = nn, options, per_example
+        if nn == "brute":
+            self.references = jnp.asarray(references, jnp.float32)
+            self._score = jax.jit(functools.partial(gate_scores, options=options,
+                                                    per_example=per_example))
+        else:
+            self.search = KDTreeSearch(references)
+            self._query = jax.jit(functools.partial(query_features, options=options,
+                                                    per_example=per_example))
+
+    def __call__(self, images, valid) -> tuple[np.ndarray, np.ndarray]:
+        if self.nn == "brute":
+            choice, distances = self._score(self.references, images, valid)
+            return np.asarray(choice), np.asarray(distances)
+        distances = self.search.distances(np.asarray(self._query(images, valid)))
+        return np.argmin(distances, axis=-1).astype(np.int32), distances
