@@ -28,7 +28,8 @@ setup(
         "corrupt-tta>=0.1.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The launcher's backends are tested for real (tests/test_slurm.py, tests/test_ray.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "submitit>=1.5", "ray>=2.40"],
         "tfds": ["tensorflow-datasets>=4.9.10,<5"],
         "launch": ["submitit>=1.5", "ray>=2.40"],
     },

@@ -1,0 +1,381 @@
+"""The named sweeps: each a function from `GridOptions` to a list of `jobs.Job`.
+
+  embedded   the README's main command: Fashion-MNIST (Debian's package), a "-C" set, dense
+             and six compressed Conv-4s, two CARDs and their deck, Fourier heat maps, a report
+  sec22      configs/paper_sec22.py: models x methods x sparsities on CIFAR-10 (Figure 1)
+  sec33      configs/paper_sec33.py on CIFAR-10: models x augmentations x methods x sparsities,
+             plus 2/4/6-card decks of AugMix + Gaussian CARDs per model/method/sparsity
+  cifar100   the same on CIFAR-100 (the paper's CIFAR-100 subset: wrn18_2; lth, lrr, ep, bp)
+
+`smoke=True` gives the same structure with the configs' seconds-long synthetic variants.
+Another grid can be named as `package.module:function` (same signature).
+
+Run workdirs are `ROOT/runs/<prefix>-<hash>`, the hash taken over the run's resolved config
+(`jobs.stable_name`): adding a grid point never renames another, changing a run's config (a knob
+here, or a default in its config file) gives it a new workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from launch import jobs as jobs_lib
+from launch.jobs import Job
+
+
+@dataclasses.dataclass(frozen=True)
+class GridOptions:
+    """What every grid is given.
+
+    Attributes:
+      root: the sweep's folder (absolute); runs, logs and state go under it.
+      data_dir: `data.dir` for every run ('' = each dataset's default location).
+      corruption_dir: paper grids: a released "-C" folder (CIFAR-10-C / CIFAR-100-C) to evaluate
+        on; '' = generate one from the local test split with a `corrupt` job into ROOT.
+      smoke: seconds-long synthetic variants with the same structure (tests).
+    """
+
+    root: pathlib.Path
+    data_dir: str = ""
+    corruption_dir: str = ""
+    smoke: bool = False
+
+
+def default_root(name: str, smoke: bool) -> str:
+    return f"workdirs/{name.replace(':', '_').replace('.', '_')}{'_smoke' if smoke else ''}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Job builders shared by the grids
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_config(spec: str, overrides: Sequence[str]):
+    """The config `card_jax.main` would run: the file's `get_config(arg)` plus the overrides,
+    checked the same way (unknown keys and wrong types fail here, at expansion time)."""
+    from card_jax import config_util  # imports JAX through configs/common.py: only when needed
+
+    path, sep, arg = spec.partition(":")
+    config = config_util.load_config_file(str(jobs_lib.REPO / path) + sep + arg)
+    config_util.apply_overrides(config, list(overrides))
+    return config
+
+
+def main_job(opts: GridOptions, kind: str, prefix: str, spec: str, overrides: Sequence[str],
+             deps: Sequence[str] = (), folder: str = "runs") -> Job:
+    """A `python -m card_jax.main` job (a training run or a deck), named by its resolved config.
+
+    Done when `W/results.json` exists: card_jax writes it last.
+    """
+    from card_jax import config_util
+
+    overrides = list(overrides)
+    if opts.data_dir and kind == "train":
+        overrides.append(f"--config.data.dir={opts.data_dir}")
+    config = resolve_config(spec, overrides)
+    prefix = prefix.format(model=config.model.name) if "model" in config else prefix
+    name = jobs_lib.stable_name(prefix, {"kind": kind, "config": config_util.to_dict(config)},
+                                opts.root)
+    workdir = opts.root / folder / name
+    argv = ("-m", "card_jax.main", f"--config={spec}", f"--workdir={workdir}", *overrides)
+    return Job(name=name, kind=kind, argv=argv, workdir=str(workdir),
+               done=(str(workdir / "results.json"),), deps=tuple(deps))
+
+
+def corrupt_job(opts: GridOptions, dataset: str, out: pathlib.Path, examples: int = -1,
+                corruptions: str = "all") -> Job:
+    """`python -m card_jax.corrupt`: done when every file it writes exists (each appears by
+    rename once complete; info.json alone is written first, so it proves nothing)."""
+    from card_jax.data import corruption_sets  # numpy only
+
+    argv = ["-m", "card_jax.corrupt", f"--dataset={dataset}", f"--out={out}",
+            f"--examples={examples}", "--progress=log"]
+    if corruptions != "all":
+        argv.append(f"--corruptions={corruptions}")
+    if opts.data_dir:
+        argv.append(f"--data_dir={opts.data_dir}")
+    names = corruption_sets.resolve_corruptions(corruptions)
+    done = [str(out / f"{c}.npy") for c in names] + [str(out / corruption_sets.LABELS_FILE),
+                                                     str(out / corruption_sets.INFO_FILE)]
+    checks = (((str(out / corruption_sets.INFO_FILE), "n_examples", examples),)
+              if examples > 0 else ())
+    name = jobs_lib.stable_name(f"corrupt-{dataset}", argv, opts.root)
+    return Job(name=name, kind="corrupt", argv=tuple(argv), workdir=str(out), done=tuple(done),
+               done_json=checks)
+
+
+def heatmap_job(opts: GridOptions, run: Job, eps: Sequence[float], examples: int,
+                baseline: Job | None = None, baseline_heatmap: Job | None = None) -> Job:
+    """`python -m card_jax.heatmaps` into `W/heatmaps`; done when its heatmap.json records these
+    settings (one made with other eps/examples is stale). With a baseline whose own heat map job
+    is given, that job runs first so the baseline's maps are read, not recomputed."""
+    argv = ["-m", "card_jax.heatmaps", f"--workdir={run.workdir}"]
+    if baseline is not None:
+        argv.append(f"--baseline={baseline.workdir}")
+    argv += [f"--eps={','.join(f'{e:g}' for e in eps)}", f"--examples={examples}"]
+    meta = str(pathlib.Path(run.workdir) / "heatmaps" / "heatmap.json")
+    deps = [run.name] + [j.name for j in (baseline, baseline_heatmap) if j is not None]
+    prefix = run.name.rpartition("-")[0]  # the run's readable part
+    return Job(name=jobs_lib.stable_name(f"heatmap-{prefix}", argv, opts.root), kind="heatmap",
+               argv=tuple(argv), workdir=str(pathlib.Path(run.workdir) / "heatmaps"),
+               done=(meta,), deps=tuple(deps),
+               done_json=((meta, "eps", [float(e) for e in eps]), (meta, "examples", examples)))
+
+
+def report_job(opts: GridOptions, others: Sequence[Job]) -> Job:
+    """`python -m card_jax.report` over the whole root, after every other job."""
+    out = opts.root / "report"
+    argv = ("-m", "card_jax.report", f"--runs={opts.root}", f"--out={out}")
+    return Job(name=jobs_lib.stable_name("report", argv, opts.root), kind="report", argv=argv,
+               workdir=str(out), done=(str(out / "report.md"),),
+               deps=tuple(j.name for j in others))
+
+
+def deck_members(augmix: Job, gaussian: Job, cards: int, realizations: int) -> str:
+    """`deck.members` for a deck of `cards` cards, half AugMix and half Gaussian: whole runs
+    when a run's R realizations are exactly half the deck, else `DIR:r` for r < cards/2."""
+    half = cards // 2
+    if cards % 2 or not 1 <= half <= realizations:
+        raise ValueError(f"a {cards}-card deck needs {half} of {realizations} realizations per "
+                         "augmentation")
+    if half == realizations:
+        return f"{augmix.workdir},{gaussian.workdir}"
+    return ",".join(f"{run.workdir}:{r}" for run in (augmix, gaussian) for r in range(half))
+
+
+# ----------------------------------------------------------------------------------------------
+# embedded: the README's main command
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedKnobs:
+    """Every number of the embedded sweep, in one place.
+
+    Training dominates: dense, gmp, ep, bp train `epochs` once, ft 1.25 times, lth, lrr and
+    both CARDs (lrr by default) `1 + lth_levels` times. Measured with these defaults on 2 shared
+    cores (load ~4, 3.7 steps/s where a quiet machine does 4.6): 42 min in all; a one-epoch
+    run ~2:50 (2:07 training, 0:30 evaluating 95 "-C" cells of 1,000 images, ~0:15 start-up),
+    a two-training run (lth, lrr, CARDs) 3:30-5:15, the deck 1:20, each heat map job 1:50
+    (3 eps x 200 images), the "-C" set 0:18, the report 1 s.
+    """
+
+    # The base config of every run; CARDs use its `:augmix` / `:gaussian` variants.
+    config: str = "configs/default.py"
+    # Length of every training (and of every LTH/LRR level), in epochs. EP/BP's warm-up must
+    # end before it ends: see ep_bp_warmup_epochs.
+    epochs: float = 1.0
+    # Compressed runs: the methods next to dense, their sparsity and scope.
+    methods: tuple[str, ...] = ("ft", "gmp", "lth", "lrr", "ep", "bp")
+    sparsity: float = 0.8
+    scope: str = "global"
+    # lth/lrr: pruning levels to reach `sparsity` (each one more training of `epochs`).
+    lth_levels: int = 1
+    # ep/bp: global sparsity warm-up from 50%, in epochs. card_jax counts it in whole epochs
+    # (rounded up) and refuses a warm-up that does not end before training does, so it must
+    # be 0 (start at `sparsity`) or at most epochs - 1 (e.g. 1 with epochs=2, as
+    # configs/default.py does).
+    ep_bp_warmup_epochs: float = 0.0
+    # The two CARDs (one AugMix, one Gaussian run; their R=2 realizations give 2 + 2 cards) and
+    # so the deck: method and sparsity.
+    deck_method: str = "lrr"
+    deck_sparsity: float = 0.8
+    # Fashion-MNIST-C: test images per cell written by `card_jax.corrupt` and evaluated per
+    # run (19 corruptions x 5 severities x this).
+    corruption_examples: int = 1000
+    # Fourier heat maps of dense and the two CARDs: test images and perturbation norms
+    # (each eps costs H x W / 2 evaluations of every image).
+    heatmap_examples: int = 200
+    heatmap_eps: tuple[float, ...] = (3.0, 4.0, 6.0)
+    # The deck's config file (its `:smoke` variant samples fewer gate representatives).
+    deck_config: str = "configs/deck.py"
+    # Appended to every training run's overrides (e.g. ("--config.train.realizations=3",)).
+    extra_overrides: tuple[str, ...] = ()
+
+
+# The structure of the embedded sweep in seconds per job, for tests: 20-step runs on 2,560
+# images, small "-C" cells and heat maps.
+EMBEDDED_SMOKE = EmbeddedKnobs(config="configs/default.py:smoke", corruption_examples=50,
+                               heatmap_examples=10, heatmap_eps=(4.0,),
+                               deck_config="configs/deck.py:smoke")
+
+
+def embedded(opts: GridOptions, knobs: EmbeddedKnobs | None = None) -> list[Job]:
+    """The README sweep on Fashion-MNIST (see EmbeddedKnobs for every number)."""
+    k = knobs or (EMBEDDED_SMOKE if opts.smoke else EmbeddedKnobs())
+    if (any(m in ("ep", "bp") for m in k.methods) and k.ep_bp_warmup_epochs != 0
+            and not 0 < math.ceil(k.ep_bp_warmup_epochs) < k.epochs):
+        raise ValueError(f"ep_bp_warmup_epochs={k.ep_bp_warmup_epochs}: card_jax rounds the "
+                         f"warm-up up to whole epochs and it must end before epochs={k.epochs}; "
+                         "use 0 or at most epochs - 1")
+    cdir = opts.root / "fashion_mnist_c"
+    corrupt = corrupt_job(opts, "fashion_mnist", cdir, k.corruption_examples)
+    common = [f"--config.train.epochs={k.epochs:g}", f"--config.eval.corruption_dir={cdir}",
+              f"--config.eval.corruption_examples={k.corruption_examples}",
+              "--config.eval.extra_corruptions=True", *k.extra_overrides]
+
+    def method_overrides(method: str, sparsity: float) -> list[str]:
+        if method == "dense":
+            return ["--config.method.name=dense"]
+        out = [f"--config.method.name={method}", f"--config.method.sparsity={sparsity:g}",
+               f"--config.method.scope={k.scope}"]
+        if method in ("lth", "lrr"):
+            out.append(f"--config.method.levels={k.lth_levels}")
+        if method in ("ep", "bp"):
+            out.append(f"--config.method.warmup_epochs={k.ep_bp_warmup_epochs:g}")
+        return out
+
+    runs: dict[str, Job] = {}
+    for method in ("dense", *k.methods):
+        prefix = "{model}-dense" if method == "dense" else f"{{model}}-{method}-{k.sparsity:g}"
+        runs[method] = main_job(opts, "train", prefix, k.config,
+                                method_overrides(method, k.sparsity) + common, [corrupt.name])
+    cards = {}
+    for aug in ("augmix", "gaussian"):
+        if opts.smoke:  # configs/default.py takes one argument: smoke, augmix or gaussian
+            spec, aug_overrides = k.config, [f"--config.data.augment={aug}"]
+        else:
+            spec, aug_overrides = f"{k.config.partition(':')[0]}:{aug}", []
+        overrides = (method_overrides(k.deck_method, k.deck_sparsity) + common + aug_overrides
+                     + ["--config.eval.generate_corruptions=False"])
+        cards[aug] = main_job(opts, "train", f"{{model}}-{k.deck_method}-{k.deck_sparsity:g}-{aug}",
+                              spec, overrides, [corrupt.name])
+    deck = main_job(opts, "deck", f"deck-{k.deck_method}-{k.deck_sparsity:g}",
+                    k.deck_config,
+                    [f"--config.deck.members={cards['augmix'].workdir},{cards['gaussian'].workdir}",
+                     f"--config.eval.corruption_dir={cdir}"],
+                    [cards["augmix"].name, cards["gaussian"].name], folder="decks")
+    dense_map = heatmap_job(opts, runs["dense"], k.heatmap_eps, k.heatmap_examples)
+    maps = [dense_map] + [
+        heatmap_job(opts, cards[aug], k.heatmap_eps, k.heatmap_examples, runs["dense"],
+                    dense_map)
+        for aug in ("augmix", "gaussian")]
+    everything = [corrupt, *runs.values(), *cards.values(), deck, *maps]
+    return everything + [report_job(opts, everything)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's grids
+# ----------------------------------------------------------------------------------------------
+
+
+def _corruption_source(opts: GridOptions, dataset: str) -> tuple[list[str], list[Job]]:
+    """Eval overrides for the "-C" set of `dataset`, and the job that makes it if needed.
+
+    Smoke runs skip corruption evaluation: their synthetic 16x16 images have no "-C" set.
+    """
+    if opts.smoke:
+        return [], []
+    if opts.corruption_dir:
+        return [f"--config.eval.corruption_dir={opts.corruption_dir}"], []
+    out = opts.root / f"{dataset}_c"
+    job = corrupt_job(opts, dataset, out, corruptions="benchmark")
+    return [f"--config.eval.corruption_dir={out}"], [job]
+
+
+def _config_module(name: str):
+    """A module of configs/ (its grid axes), importable from any working directory."""
+    if str(jobs_lib.REPO) not in sys.path:
+        sys.path.insert(0, str(jobs_lib.REPO))
+    return importlib.import_module(f"configs.{name}")
+
+
+def _arg(*parts: Any, smoke: bool) -> str:
+    return ",".join([str(p) for p in parts] + (["smoke"] if smoke else []))
+
+
+def sec22(opts: GridOptions) -> list[Job]:
+    """Section 2.2 (Figure 1): every model x method x sparsity of configs/paper_sec22.py."""
+    paper = _config_module("paper_sec22")
+
+    eval_overrides, corrupt = _corruption_source(opts, "cifar10")
+    deps = [j.name for j in corrupt]
+    runs = []
+    for model in paper.MODELS:
+        for method in paper.METHODS:
+            for sparsity in (None,) if method == "dense" else paper.SPARSITIES:
+                arg = _arg(model, method, *([sparsity] if sparsity else []), smoke=opts.smoke)
+                prefix = f"{model}-{method}" + (f"-{sparsity:g}" if sparsity else "")
+                runs.append(main_job(opts, "train", prefix, f"configs/paper_sec22.py:{arg}",
+                                     eval_overrides, deps))
+    everything = corrupt + runs
+    return everything + [report_job(opts, everything)]
+
+
+DECK_SIZES = (2, 4, 6)
+
+
+def sec33(opts: GridOptions, dataset: str = "cifar10") -> list[Job]:
+    """Section 3.3 (Figure 4): configs/paper_sec33.py's grid for `dataset`, and CARD-Decks.
+
+    A deck of n cards takes n/2 realizations of the AugMix run and of the Gaussian run of one
+    (model, method, sparsity); dense runs make no decks.
+    """
+    paper = _config_module("paper_sec33")
+
+    eval_overrides, corrupt = _corruption_source(opts, dataset)
+    deps = [j.name for j in corrupt]
+    models = tuple(paper.MODELS) if dataset == "cifar10" else ("wrn18_2",)
+    methods = paper.METHODS if dataset == "cifar10" else paper.CIFAR100_METHODS
+    runs: dict[tuple, Job] = {}
+    for model in models:
+        for aug in paper.AUGMENTATIONS:
+            for method in methods:
+                for sparsity in (None,) if method == "dense" else paper.SPARSITIES:
+                    arg = _arg(dataset, model, aug, method,
+                               *([sparsity] if sparsity else []), smoke=opts.smoke)
+                    prefix = f"{model}-{method}" + (f"-{sparsity:g}" if sparsity else "") + \
+                        f"-{aug}"
+                    runs[model, aug, method, sparsity] = main_job(
+                        opts, "train", prefix, f"configs/paper_sec33.py:{arg}", eval_overrides,
+                        deps)
+    decks = []
+    deck_spec = "configs/deck.py:smoke" if opts.smoke else "configs/deck.py"
+    for (model, aug, method, sparsity), augmix in runs.items():
+        if aug != "augmix" or method == "dense":
+            continue
+        gaussian = runs[model, "gaussian", method, sparsity]
+        realizations = 2 if opts.smoke else 3  # paper_sec33: R=3; shrink_for_smoke: R=2
+        for cards in DECK_SIZES:
+            if cards // 2 > realizations:
+                continue
+            decks.append(main_job(
+                opts, "deck", f"deck-{model}-{method}-{sparsity:g}-{cards}cards", deck_spec,
+                [f"--config.deck.members={deck_members(augmix, gaussian, cards, realizations)}",
+                 *eval_overrides], [augmix.name, gaussian.name], folder="decks"))
+    everything = corrupt + list(runs.values()) + decks
+    return everything + [report_job(opts, everything)]
+
+
+def cifar100(opts: GridOptions) -> list[Job]:
+    """Section 3.3 on CIFAR-100: wrn18_2 x augmentations x (dense, lth, lrr, ep, bp), decks."""
+    return sec33(opts, "cifar100")
+
+
+GRIDS: dict[str, Callable[[GridOptions], list[Job]]] = {
+    "embedded": embedded, "sec22": sec22, "sec33": sec33, "cifar100": cifar100}
+
+
+def load_grid(name: str) -> Callable[[GridOptions], list[Job]]:
+    """A grid by name, or any `package.module:function` taking GridOptions."""
+    if name in GRIDS:
+        return GRIDS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"unknown grid {name!r}: use one of {', '.join(GRIDS)} or "
+                         "package.module:function")
+    return getattr(importlib.import_module(module), attr)
+
+
+def expand(name: str, opts: GridOptions) -> list[Job]:
+    """The grid's jobs, checked (unique names, known deps, no cycle) and in dependency order."""
+    if not opts.root.is_absolute():
+        opts = dataclasses.replace(opts, root=pathlib.Path(os.path.abspath(opts.root)))
+    return jobs_lib.check_graph(load_grid(name)(opts))
