@@ -171,7 +171,7 @@ class EmbeddedKnobs:
     config: str = "configs/default.py"
     # Length of every training (and of every LTH/LRR level), in epochs. EP/BP's warm-up must
     # end before it ends: see ep_bp_warmup_epochs.
-    epochs: float = 1.0
+    epochs: float = 0.5
     # Compressed runs: the methods next to dense, their sparsity and scope.
     methods: tuple[str, ...] = ("ft", "gmp", "lth", "lrr", "ep", "bp")
     sparsity: float = 0.8
@@ -183,17 +183,20 @@ class EmbeddedKnobs:
     # be 0 (start at `sparsity`) or at most epochs - 1 (e.g. 1 with epochs=2, as
     # configs/default.py does).
     ep_bp_warmup_epochs: float = 0.0
+    # gmp: steps between mask updates (card_jax's default of 100 would prune in only ~2
+    # jumps over a half-epoch run of 234 steps).
+    gmp_frequency: int = 20
     # The two CARDs (one AugMix, one Gaussian run; their R=2 realizations give 2 + 2 cards) and
     # so the deck: method and sparsity.
     deck_method: str = "lrr"
     deck_sparsity: float = 0.8
     # Fashion-MNIST-C: test images per cell written by `card_jax.corrupt` and evaluated per
     # run (19 corruptions x 5 severities x this).
-    corruption_examples: int = 1000
+    corruption_examples: int = 500
     # Fourier heat maps of dense and the two CARDs: test images and perturbation norms
     # (each eps costs H x W / 2 evaluations of every image).
-    heatmap_examples: int = 200
-    heatmap_eps: tuple[float, ...] = (3.0, 4.0, 6.0)
+    heatmap_examples: int = 100
+    heatmap_eps: tuple[float, ...] = (4.0,)
     # The deck's config file (its `:smoke` variant samples fewer gate representatives).
     deck_config: str = "configs/deck.py"
     # Appended to every training run's overrides (e.g. ("--config.train.realizations=3",)).
@@ -228,6 +231,8 @@ def embedded(opts: GridOptions, knobs: EmbeddedKnobs | None = None) -> list[Job]
                f"--config.method.scope={k.scope}"]
         if method in ("lth", "lrr"):
             out.append(f"--config.method.levels={k.lth_levels}")
+        if method == "gmp":
+            out.append(f"--config.method.frequency={k.gmp_frequency}")
         if method in ("ep", "bp"):
             out.append(f"--config.method.warmup_epochs={k.ep_bp_warmup_epochs:g}")
         return out

@@ -50,10 +50,10 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
     cdir = root / "fashion_mnist_c"
     corrupt = by_prefix["corrupt-fashion_mnist"]
     assert corrupt.argv == ("-m", "card_jax.corrupt", "--dataset=fashion_mnist", f"--out={cdir}",
-                            "--examples=1000", "--progress=log")
+                            "--examples=500", "--progress=log")
     assert len(corrupt.done) == 19 + 2 and str(cdir / "info.json") in corrupt.done
-    common = ("--config.train.epochs=1", f"--config.eval.corruption_dir={cdir}",
-              "--config.eval.corruption_examples=1000", "--config.eval.extra_corruptions=True")
+    common = ("--config.train.epochs=0.5", f"--config.eval.corruption_dir={cdir}",
+              "--config.eval.corruption_examples=500", "--config.eval.extra_corruptions=True")
 
     def run_argv(prefix, spec, *overrides):
         job = by_prefix[prefix]
@@ -66,9 +66,10 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
 
     pruned = ("--config.method.sparsity=0.8", "--config.method.scope=global")
     assert run_argv("conv4-dense", "configs/default.py", "--config.method.name=dense", *common)
-    for m in ("ft", "gmp"):
-        assert run_argv(f"conv4-{m}-0.8", "configs/default.py", f"--config.method.name={m}",
-                        *pruned, *common)
+    assert run_argv("conv4-ft-0.8", "configs/default.py", "--config.method.name=ft", *pruned,
+                    *common)
+    assert run_argv("conv4-gmp-0.8", "configs/default.py", "--config.method.name=gmp", *pruned,
+                    "--config.method.frequency=20", *common)
     for m in ("lth", "lrr"):
         assert run_argv(f"conv4-{m}-0.8", "configs/default.py", f"--config.method.name={m}",
                         *pruned, "--config.method.levels=1", *common)
@@ -89,13 +90,13 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
     dense = by_prefix["conv4-dense"]
     dense_map = by_prefix["heatmap-conv4-dense"]
     assert dense_map.argv == ("-m", "card_jax.heatmaps", f"--workdir={dense.workdir}",
-                              "--eps=3,4,6", "--examples=200")
+                              "--eps=4", "--examples=100")
     assert dense_map.deps == (dense.name,)
     assert dense_map.done == (f"{dense.workdir}/heatmaps/heatmap.json",)
     for run in (augmix, gaussian):
         heat = by_prefix[f"heatmap-{_prefix(run.name)}"]
         assert heat.argv == ("-m", "card_jax.heatmaps", f"--workdir={run.workdir}",
-                             f"--baseline={dense.workdir}", "--eps=3,4,6", "--examples=200")
+                             f"--baseline={dense.workdir}", "--eps=4", "--examples=100")
         assert heat.deps == (run.name, dense.name, dense_map.name)
     report = by_prefix["report"]
     assert report.argv == ("-m", "card_jax.report", f"--runs={root}", f"--out={root / 'report'}")
@@ -141,7 +142,7 @@ def test_names_are_stable_and_change_only_with_the_job(tmp_path):
 
     heat = {"heatmap-conv4-dense", "heatmap-conv4-lrr-0.8-augmix",
             "heatmap-conv4-lrr-0.8-gaussian"}
-    assert changed(heatmap_examples=100) == heat
+    assert changed(heatmap_examples=50) == heat
     cards = {"conv4-lrr-0.8-augmix", "conv4-lrr-0.8-gaussian"}
     # Every pruned run (CARDs too), and what refers to the CARDs; dense and its map stay.
     assert changed(scope="layerwise") == ({f"conv4-{m}-0.8" for m in ("ft", "gmp", "lth", "lrr",
@@ -152,7 +153,7 @@ def test_names_are_stable_and_change_only_with_the_job(tmp_path):
     assert changed(lth_levels=2) == ({"conv4-lth-0.8", "conv4-lrr-0.8", "deck-lrr-0.8"}
                                      | cards | heat - {"heatmap-conv4-dense"})
     # The "-C" set's size changes it, every run evaluated on it, and what names those runs.
-    assert changed(corruption_examples=500) == {_prefix(n) for n in first} - {"report"}
+    assert changed(corruption_examples=1000) == {_prefix(n) for n in first} - {"report"}
     # Adding a grid point renames nothing else.
     fewer = {j.name for j in _embedded(tmp_path, methods=("ft", "gmp"))}
     assert fewer <= {j.name for j in _embedded(tmp_path, methods=("ft", "gmp", "lth"))}
