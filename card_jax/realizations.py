@@ -23,9 +23,13 @@ STRATEGIES = ("auto", "map", "vmap")
 
 
 def choose_strategy(strategy: str, num_devices: int | None = None,
-                    platform: str | None = None) -> str:
+                    platform: str | None = None, option: str = "train.strategy") -> str:
+    """'auto' -> vmap with several devices or on an accelerator, map on one CPU device.
+
+    Shared by the realization axis and a deck's member axis (`option` names the config key
+    in the error message)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"train.strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ValueError(f"{option} must be one of {STRATEGIES}, got {strategy!r}")
     if strategy != "auto":
         return strategy
     num_devices = jax.device_count() if num_devices is None else num_devices

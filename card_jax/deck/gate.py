@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from card_jax.data import pipeline
 from card_jax.deck import spectral
 
 log = logging.getLogger("card_jax")
@@ -76,7 +77,7 @@ def pad_centred(x: jax.Array, size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _features_of_chunk(key, train_images, indices, augment_fn, options, pad_to):
-    x = train_images[indices].astype(jnp.float32) * (1.0 / 255.0)
+    x = pipeline.to_float(train_images[indices])
     return spectral.spectral_feature(pad_centred(augment_fn(key, x), pad_to), options)
 
 

@@ -32,22 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from card_jax import realizations
 from card_jax import state as state_lib
+from card_jax.data import pipeline
 
-STRATEGIES = ("auto", "map", "vmap")
+STRATEGIES = realizations.STRATEGIES
 MEMBER_AXIS = "m"
-
-
-def choose_strategy(strategy: str, num_devices: int | None = None,
-                    platform: str | None = None) -> str:
-    """'auto' -> vmap with several devices or on an accelerator, map on one CPU device."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"deck.strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    platform = jax.default_backend() if platform is None else platform
-    return "vmap" if num_devices > 1 or platform != "cpu" else "map"
 
 
 def member_logits(graphdef, params, batch_stats, x: jax.Array) -> jax.Array:
@@ -68,9 +58,7 @@ def member_probs(graphdef, params, batch_stats, images: jax.Array, strategy: str
       strategy: "map" or "vmap" (see the module docstring).
       spmd_axis_name: with vmap, the mesh axis the member axis is sharded over.
     """
-    x = images.astype(jnp.float32)
-    if images.dtype == jnp.uint8:
-        x = x * (1.0 / 255.0)
+    x = pipeline.to_float(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
 
     def one(p, bs):
         return jax.nn.softmax(member_logits(graphdef, p, bs, x), axis=-1)
@@ -114,7 +102,8 @@ class DeckFn:
         if mesh == "auto":
             mesh = member_mesh(num_members)
         self.mesh, self.num_members = mesh, num_members
-        self.strategy = "vmap" if mesh is not None else choose_strategy(strategy, 1)
+        self.strategy = ("vmap" if mesh is not None else
+                         realizations.choose_strategy(strategy, 1, option="deck.strategy"))
         body = functools.partial(deck_probs, graphdef, strategy=self.strategy)
         if mesh is None:
             self.fn = jax.jit(body)
