@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # PyTorch BatchNorm2d(momentum=0.1) updates ``running = 0.9 * running + 0.1 * batch``;
@@ -81,8 +82,51 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     (every CIFAR-sized layer) and, for odd sizes, behaves like ``ceil_mode=True`` instead
     of dropping the last row/column. That keeps every spatial size >= 1, so deep plans
     (Conv-8, VGG) still run on small inputs such as 8x8.
+
+    Even sizes take :func:`_max_pool_2x2_even`, the same values and gradients without
+    XLA's select-and-scatter backward pass (4x faster on CPU; see its docstring).
     """
+    if x.ndim == 4 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+        return _max_pool_2x2_even(x)
     return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+
+
+# Position of each element inside its 2x2 window in row-major order, laid out like
+# ``_windows(x)`` ([B, H/2, 2, W/2, 2, C]); 4 marks "not a maximum".
+_WINDOW_POSITION = np.arange(4, dtype=np.int8).reshape(1, 1, 2, 1, 2, 1)
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C] -> [B, H/2, 2, W/2, 2, C]`` (a free reshape; H and W even)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_jvp
+def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
+    """2x2/2 max-pool of ``[B, H, W, C]`` with even H, W: ``[B, H/2, W/2, C]``.
+
+    Forward: a max over the reshaped windows, bit-identical to ``nnx.max_pool``.
+    Derivative: the whole tangent (or cotangent) of a window goes to its FIRST maximum in
+    row-major order, exactly what XLA's select-and-scatter (``lax.ge`` selection) does for
+    ``nnx.max_pool``, ties included (a plain ``jnp.max`` would split it among the ties).
+    Written as a JVP (linear in the tangent), so reverse mode comes from JAX's transposes: a
+    broadcast and a select, fused elementwise passes. Measured on 2 CPU cores at batch 128:
+    32x32x64 and 16x16x128 backward passes 22 + 8 ms instead of 95 + 48 ms with
+    select-and-scatter, ~110 ms off a full-width Conv-4 training step.
+    """
+    return _windows(x).max(axis=(2, 4))
+
+
+@_max_pool_2x2_even.defjvp
+def _max_pool_2x2_even_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    xw = _windows(x)
+    y = xw.max(axis=(2, 4))
+    # Row-major index of each maximum, then keep the smallest per window: the first one.
+    index = jnp.where(xw == y[:, :, None, :, None, :], _WINDOW_POSITION, np.int8(4))
+    first = index == index.min(axis=(2, 4), keepdims=True)
+    return y, jnp.sum(jnp.where(first, _windows(t), jnp.zeros((), t.dtype)), axis=(2, 4))
 
 
 def pooled_size(size: int, num_pools: int) -> int:
