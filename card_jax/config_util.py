@@ -151,6 +151,43 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
 
 
+# Keys added to the configs after workdirs already existed, with the value that reproduces what
+# a config without them did. A saved config.json lacking one is read as holding that value (so an
+# old run resumes), and sweep names leave them out at that value (so an old sweep keeps its names).
+ADDED_KEYS: dict[str, Any] = {
+    "train.compute_dtype": "float32",
+}
+
+
+def _parent_of(tree: dict, dotted: str) -> tuple[dict | None, str]:
+    """The dict that holds `dotted`'s last component (None if a parent is missing), and it."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        node = node.get(name) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
+def with_added_keys(saved: dict) -> dict:
+    """A saved config dict with every ADDED_KEYS entry it lacks filled in (a new dict)."""
+    out = json.loads(json.dumps(saved))
+    for dotted, value in ADDED_KEYS.items():
+        node, leaf = _parent_of(out, dotted)
+        if node is not None and leaf not in node:
+            node[leaf] = value
+    return out
+
+
+def without_added_defaults(config: dict) -> dict:
+    """A config dict minus the ADDED_KEYS entries that hold their backward-compatible value."""
+    out = json.loads(json.dumps(config))
+    for dotted, value in ADDED_KEYS.items():
+        node, leaf = _parent_of(out, dotted)
+        if node is not None and leaf in node and node[leaf] == value:
+            del node[leaf]
+    return out
+
+
 def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Lists `key: old -> new` for every leaf that differs between two plain config dicts."""
     lines = []

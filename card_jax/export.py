@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from card_jax import config_util
 from card_jax import state as state_lib
 
 _WORKDIR = None
@@ -66,7 +67,8 @@ def load_final_state(workdir: str | pathlib.Path):
     config_path = workdir / run.CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a card_jax workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text(encoding="utf-8")))
+    config = ml_collections.ConfigDict(
+        config_util.with_added_keys(json.loads(config_path.read_text(encoding="utf-8"))))
     results_path = workdir / run.RESULTS_FILE
     if not results_path.exists():
         raise FileNotFoundError(f"{results_path} not found: the run has not finished")
@@ -126,7 +128,7 @@ class PackedModel:
         from card_jax import train
 
         self.params, self.batch_stats, self.meta = params, batch_stats, meta
-        config = ml_collections.ConfigDict(meta["config"])
+        config = ml_collections.ConfigDict(config_util.with_added_keys(meta["config"]))
         dataset = train.placeholder_dataset(meta["dataset"])
         # The graph is what `train.build_experiment(config, dataset).graphdef` holds; building
         # the model abstractly gets it without initialising (and compiling) R models and the

@@ -75,7 +75,7 @@ def _check_config(workdir: pathlib.Path, config) -> bool:
     new = config_util.to_dict(config)
     existed = path.exists()
     if existed:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = config_util.with_added_keys(json.loads(path.read_text(encoding="utf-8")))
         changes = config_util.diff(old, new)
         fixed = [c for c in changes if not c.startswith(VOLATILE_PREFIXES)]
         if fixed:

@@ -2,20 +2,67 @@
 
 `card_jax.train` lifts them over the realization axis with `card_jax.realizations` and jits
 them once. Nothing here touches the host: metrics come back as arrays.
+
+A training step is three parts (`TrainStepParts`), composed by `make_train_step` and also
+usable one by one (benchmarks/profile.py times them separately):
+  batch   gather the batch from the device-resident training set, crop/flip, augment
+  loss    the method's effective weights, the forward pass and the loss
+  update  the optimizer direction, the learning rate, the method's hooks and re-masking
+
+Compute dtype (`train.compute_dtype`): with "bfloat16" the convolutions, dense layers and
+BatchNorm of the forward and backward passes run in bfloat16 (every `nnx.Conv`, `nnx.Linear`
+and `nnx.BatchNorm` of the merged model gets `dtype=bfloat16`, so each casts its input and its
+fp32 weights when called), while parameters, scores, optimizer state, BatchNorm statistics
+(always reduced and stored in fp32 by Flax) and the loss/softmax stay float32: the logits are
+cast back to float32 before the loss. "float32" (the default) adds no cast at all: the traced
+step is exactly the one without the option. Why layer dtypes rather than casting the effective
+parameters and the batch once: the models normalise their input in float32 and
+`nnx.BatchNorm` promotes its input to the dtype of its float32 running statistics, so cast
+trees would be promoted back to float32 at the first such layer; a layer's `dtype` casts its
+input, weights and statistics instead (the batch is cast by the first convolution, after the
+model's fp32 normalisation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from card_jax import state as state_lib
 from card_jax.data import pipeline
 from card_jax.pruning.base import Method, get_trainable, set_trainable
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The Flax layers that take a computation `dtype`; all the layers card_jax's models use.
+_DTYPE_LAYERS = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm,
+                 nnx.GroupNorm)
+
+
+def compute_dtype(name: str | None):
+    """`train.compute_dtype` -> the dtype to cast to, or None for float32 (no casts at all)."""
+    if name in (None, "float32"):
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                         f"got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def _set_compute_dtype(model: nnx.Module, dtype) -> None:
+    """Makes every Conv/Linear/norm layer of a freshly merged (traced) model compute in `dtype`.
+
+    The attribute is static: it only changes what the layers trace, never the parameters,
+    which stay float32 in the state; the casts are differentiated back to float32 grads.
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, _DTYPE_LAYERS):
+            module.dtype = dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,37 +78,51 @@ class BatchSpec:
     jsd: bool = False           # AugMix's Jensen-Shannon consistency loss (two augmented views)
 
 
-def forward(graphdef, method: Method, params, batch_stats, method_state, x, train: bool):
-    """Logits `[B, classes]` and the (possibly updated) batch statistics."""
+def forward(graphdef, method: Method, params, batch_stats, method_state, x, train: bool,
+            dtype=None):
+    """Logits `[B, classes]` (float32) and the (possibly updated) batch statistics.
+
+    `dtype` (from `compute_dtype`): None computes in float32; bfloat16 runs the layers in
+    bfloat16 and casts the logits back to float32.
+    """
     model = state_lib.merge_model(graphdef, method.apply(params, method_state), batch_stats)
+    if dtype is not None:
+        _set_compute_dtype(model, dtype)
     logits = model(x, train=train)
+    if dtype is not None:
+        logits = logits.astype(jnp.float32)
     return logits, state_lib.batch_stats_of(model)
 
 
-def make_train_step(
+class TrainStepParts(NamedTuple):
+    """The pieces `make_train_step` composes, each a pure function of one realization.
+
+    batch(st, images, labels) -> (x, y)
+      x float32 `[B, H, W, C]` (`[3B, ...]` with JSD: clean, aug1, aug2) in [0, 1], y int32 `[B]`.
+    loss(trainable, st, x, y) -> (loss, (logits, batch_stats))
+      differentiable in `trainable` (`get_trainable`); logits float32 `[B, classes]` (the clean
+      view's with JSD).
+    update(st, trainable, grads, batch_stats) -> state
+      the optimizer step, the method's step hook and `post_update`. The returned state keeps
+      st.step and st.first_bad_step: the composed step advances them.
+    """
+
+    batch: Callable
+    loss: Callable
+    update: Callable
+
+
+def make_train_step_parts(
     graphdef,
     method: Method,
     tx: optax.GradientTransformation,
     lr_fn: Callable[[jax.Array], jax.Array],
     spec: BatchSpec,
     constrain_batch: Callable[[jax.Array], jax.Array] = lambda x: x,
-) -> Callable:
-    """Returns `train_step(state, images, labels) -> (state, metrics)` for one realization.
-
-    Args:
-      tx: the optimizer direction (`optim.make_direction`); the update is
-        `-lr_fn(state.step) * direction`, so the schedule follows the step counter that the
-        level loop sets (LTH resumes it at the rewind step, LRR restarts it).
-      images: uint8 `[N, H, W, C]`, the whole training set on device (shared by all seeds).
-      labels: int32 `[N]`.
-      constrain_batch: sharding constraint for the batch `[B, H, W, C]` (data parallelism).
-
-    The optimizer updates `method.trainable` (params, or the scores of EP/BP). After the
-    update the method's per-step hook runs, then `post_update` re-applies its mask, so pruned
-    weights are exactly zero after every step (SPEC §4(d)).
-    Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
-    """
-
+    dtype: str | None = "float32",
+) -> TrainStepParts:
+    """The batch, loss and update functions of `make_train_step` (same arguments)."""
+    cast = compute_dtype(dtype)
     augment_fn, jsd_loss, jsd_weight = None, None, 0.0
     if spec.augment != "none" or spec.jsd:
         from card_jax.data import augment  # only runs that augment need it
@@ -72,7 +133,7 @@ def make_train_step(
         augment_fn = augment.AUGMENTATIONS[spec.augment]
         jsd_loss, jsd_weight = augment.jsd_loss, augment.JSD_WEIGHT
 
-    def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
+    def batch(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
         idx = pipeline.batch_indices(
             pipeline.order_key(spec.data_seed, st.seed), st.step, spec.num_examples,
             spec.batch_size,
@@ -90,37 +151,72 @@ def make_train_step(
         elif augment_fn is not None:
             # After crop/flip, on [0, 1] pixels, before the model's normalisation (SPEC §8).
             x = augment_fn(jax.random.fold_in(aug_key, 1), x)
-        x = constrain_batch(x)
-        y = labels[idx]
+        return constrain_batch(x), labels[idx]
 
-        def loss_fn(trainable):
-            params, method_state = set_trainable(method, st.params, st.method_state, trainable)
-            logits, batch_stats = forward(
-                graphdef, method, params, batch_stats=st.batch_stats,
-                method_state=method_state, x=x, train=True)
-            if spec.jsd:
-                clean, aug1, aug2 = jnp.split(logits, 3)
-                loss = (optax.softmax_cross_entropy_with_integer_labels(clean, y).mean()
-                        + jsd_weight * jsd_loss(clean, aug1, aug2))
-                return loss, (clean, batch_stats)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, (logits, batch_stats)
+    def loss_fn(trainable, st: state_lib.TrainState, x: jax.Array, y: jax.Array):
+        params, method_state = set_trainable(method, st.params, st.method_state, trainable)
+        logits, batch_stats = forward(
+            graphdef, method, params, batch_stats=st.batch_stats,
+            method_state=method_state, x=x, train=True, dtype=cast)
+        if spec.jsd:
+            clean, aug1, aug2 = jnp.split(logits, 3)
+            loss = (optax.softmax_cross_entropy_with_integer_labels(clean, y).mean()
+                    + jsd_weight * jsd_loss(clean, aug1, aug2))
+            return loss, (clean, batch_stats)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, batch_stats)
 
-        trainable = get_trainable(method, st.params, st.method_state)
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable)
+    def update(st: state_lib.TrainState, trainable, grads, batch_stats):
         direction, opt_state = tx.update(grads, st.opt_state, trainable)
         lr = lr_fn(st.step)
         trainable = jax.tree.map(lambda p, d: p - lr * d, trainable, direction)
         params, method_state = set_trainable(method, st.params, st.method_state, trainable)
         method_state = method.step(params, method_state, st.step + 1)
         params = method.post_update(params, method_state)
+        # The counter (and first_bad_step) advance in the composed step, after the loss check,
+        # in the order the step has always been traced in.
+        return st._replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                           method_state=method_state)
+
+    return TrainStepParts(batch, loss_fn, update)
+
+
+def make_train_step(
+    graphdef,
+    method: Method,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    spec: BatchSpec,
+    constrain_batch: Callable[[jax.Array], jax.Array] = lambda x: x,
+    dtype: str | None = "float32",
+) -> Callable:
+    """Returns `train_step(state, images, labels) -> (state, metrics)` for one realization.
+
+    Args:
+      tx: the optimizer direction (`optim.make_direction`); the update is
+        `-lr_fn(state.step) * direction`, so the schedule follows the step counter that the
+        level loop sets (LTH resumes it at the rewind step, LRR restarts it).
+      images: uint8 `[N, H, W, C]`, the whole training set on device (shared by all seeds).
+      labels: int32 `[N]`.
+      constrain_batch: sharding constraint for the batch `[B, H, W, C]` (data parallelism).
+      dtype: `train.compute_dtype`, "float32" or "bfloat16" (see the module docstring).
+
+    The optimizer updates `method.trainable` (params, or the scores of EP/BP). After the
+    update the method's per-step hook runs, then `post_update` re-applies its mask, so pruned
+    weights are exactly zero after every step (SPEC §4(d)).
+    Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
+    """
+    parts = make_train_step_parts(graphdef, method, tx, lr_fn, spec, constrain_batch, dtype)
+
+    def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
+        x, y = parts.batch(st, images, labels)
+        trainable = get_trainable(method, st.params, st.method_state)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(parts.loss, has_aux=True)(
+            trainable, st, x, y)
+        new_state = parts.update(st, trainable, grads, batch_stats)
         finite = jnp.isfinite(loss)
         first_bad = jnp.where((st.first_bad_step < 0) & ~finite, st.step, st.first_bad_step)
-        new_state = st._replace(
-            params=params, batch_stats=batch_stats, opt_state=opt_state,
-            method_state=method_state, step=st.step + 1, first_bad_step=first_bad,
-        )
+        new_state = new_state._replace(step=st.step + 1, first_bad_step=first_bad)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
@@ -130,7 +226,8 @@ def make_train_step(
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al.)
 
 
-def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
+def make_eval_step(graphdef, method: Method, batch_size: int,
+                   dtype: str | None = "float32") -> Callable:
     """Returns `eval_step(state, images, labels, start) -> sums` for one realization.
 
     Evaluates examples [start, start + batch_size) of the device-resident uint8 `images`
@@ -141,7 +238,9 @@ def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
       bin_count   f32 [ECE_BINS], examples per confidence bin (max softmax probability)
       bin_conf    f32 [ECE_BINS], summed confidence per bin
       bin_correct f32 [ECE_BINS], correct predictions per bin
+    `dtype` is `train.compute_dtype`: the forward pass runs as in training.
     """
+    cast = compute_dtype(dtype)
 
     def eval_step(st: state_lib.TrainState, images, labels, start):
         positions = start + jnp.arange(batch_size)
@@ -149,7 +248,7 @@ def make_eval_step(graphdef, method: Method, batch_size: int) -> Callable:
         safe = jnp.where(valid, positions, 0)
         x = pipeline.to_float(images[safe])
         logits, _ = forward(graphdef, method, st.params, st.batch_stats, st.method_state, x,
-                            train=False)
+                            train=False, dtype=cast)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         confidence = probs.max(-1)
         hit = (jnp.argmax(logits, -1) == labels[safe]) & valid

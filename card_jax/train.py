@@ -227,9 +227,11 @@ class CompiledSteps:
         spec = steps.BatchSpec(cfg.train.batch_size, len(exp.dataset.train_images),
                                cfg.data.seed, cfg.data.crop_padding, cfg.data.flip,
                                cfg.data.augment, cfg.data.jsd)
+        dtype = cfg.train.compute_dtype
         train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
-                                          constrain)
-        eval_one = steps.make_eval_step(exp.graphdef, exp.method, cfg.eval.batch_size)
+                                          constrain, dtype=dtype)
+        eval_one = steps.make_eval_step(exp.graphdef, exp.method, cfg.eval.batch_size,
+                                        dtype=dtype)
         train_r = realizations.over_realizations(train_one, self.strategy, num_shared=2)
         eval_r = realizations.over_realizations(eval_one, self.strategy, num_shared=3)
         if mesh is None:

@@ -66,6 +66,8 @@ def get_train(**overrides) -> ml_collections.ConfigDict:
     train.epochs = 1.0
     train.steps = -1            # > 0 overrides epochs
     train.strategy = "auto"     # how the [R] axis runs: auto | map | vmap
+    train.compute_dtype = "float32"  # float32 | bfloat16: forward/backward compute (params,
+                                     # optimizer state, BN statistics and the loss stay fp32)
     train.log_every = 50        # steps between metric lines
     train.checkpoint_every = 500  # steps between checkpoints (and one at the end)
     train.keep_checkpoints = 3

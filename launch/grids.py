@@ -81,8 +81,9 @@ def main_job(opts: GridOptions, kind: str, prefix: str, spec: str, overrides: Se
         overrides.append(f"--config.data.dir={opts.data_dir}")
     config = resolve_config(spec, overrides)
     prefix = prefix.format(model=config.model.name) if "model" in config else prefix
-    name = jobs_lib.stable_name(prefix, {"kind": kind, "config": config_util.to_dict(config)},
-                                opts.root)
+    # Keys added later are left out at their old value, so an existing sweep keeps its names.
+    named = config_util.without_added_defaults(config_util.to_dict(config))
+    name = jobs_lib.stable_name(prefix, {"kind": kind, "config": named}, opts.root)
     workdir = opts.root / folder / name
     argv = ("-m", "card_jax.main", f"--config={spec}", f"--workdir={workdir}", *overrides)
     return Job(name=name, kind=kind, argv=argv, workdir=str(workdir),
