@@ -45,6 +45,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - tic, out
 
 
+def fill_defaults(args, defaults: dict[str, Any]) -> None:
+    """Sets every argparse option still None to its (mode-dependent) default, in place."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Calls each `variants[name]() -> float` (a time or a rate) once per round, round-robin.
 

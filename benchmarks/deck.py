@@ -33,8 +33,10 @@ import sys
 import time
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run as a script: make card_jax and benchmarks importable
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ first on sys.path, where profile.py would shadow
+    # the standard library's `profile`; the repo root takes its place (card_jax importable).
+    sys.path[0] = str(_REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

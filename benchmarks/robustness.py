@@ -60,8 +60,10 @@ import time
 from typing import Any, Callable
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run as a script: make card_jax, configs and benchmarks importable
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ first on sys.path, where profile.py would shadow
+    # the standard library's `profile`; the repo root takes its place (card_jax importable).
+    sys.path[0] = str(_REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -496,9 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "c_images": 40 if quick else 200,
         "c_rounds": 1 if quick else 2,
     }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.fill_defaults(args, defaults)
     if args.eval_batch is None:
         args.eval_batch = min(100, args.c_images)
     args.corruptions = corruption_sets.resolve_corruptions(args.corruptions)

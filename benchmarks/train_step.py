@@ -44,8 +44,10 @@ import time
 from typing import Any
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run as a script: make card_jax, configs and benchmarks importable
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ first on sys.path, where profile.py would shadow
+    # the standard library's `profile`; the repo root takes its place (card_jax importable).
+    sys.path[0] = str(_REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -240,9 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {"models": "conv4" if quick else "conv4,conv8", "reps": 2 if quick else 7,
                 "steps_per_rep": 1 if quick else 3, "warmup": 0 if quick else 2,
                 "matmul_samples": 2 if quick else 3, "vmap": not quick}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.fill_defaults(args, defaults)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args
 
