@@ -43,9 +43,9 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
     expanded = _embedded(root)
     by_prefix = {_prefix(j.name): j for j in expanded}
     assert list(by_prefix) == [
-        "corrupt-fashion_mnist", "conv4-dense", "conv4-ft-0.8", "conv4-gmp-0.8",
-        "conv4-lth-0.8", "conv4-lrr-0.8", "conv4-ep-0.8", "conv4-bp-0.8",
-        "conv4-lrr-0.8-augmix", "conv4-lrr-0.8-gaussian", "deck-lrr-0.8", "heatmap-conv4-dense",
+        "corrupt-fashion_mnist", "conv4-lrr-0.8-augmix", "conv4-lrr-0.8-gaussian",
+        "conv4-lth-0.8", "conv4-lrr-0.8", "conv4-dense", "conv4-ft-0.8", "conv4-gmp-0.8",
+        "conv4-ep-0.8", "conv4-bp-0.8", "deck-lrr-0.8", "heatmap-conv4-dense",
         "heatmap-conv4-lrr-0.8-augmix", "heatmap-conv4-lrr-0.8-gaussian", "report"]
     cdir = root / "fashion_mnist_c"
     corrupt = by_prefix["corrupt-fashion_mnist"]
@@ -496,3 +496,23 @@ def test_a_backend_that_cannot_start_a_job_fails_it_with_the_reason(tmp_path):
     assert state["status"] == "failed" and "invalid partition" in state["reason"]
     assert "invalid partition" in jobs.log_path(tmp_path, "j", 1).read_text()
     assert "blocked  command  k" in out.getvalue()
+
+
+def test_local_backend_defaults_per_grid_and_shared_compile_cache(tmp_path, monkeypatch):
+    from launch import sweep
+    from launch.local import LocalBackend
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setattr(LocalBackend, "__init__", lambda self, max_parallel, threads, env:
+                        self.__dict__.update(max_parallel=max_parallel, threads=threads, env=env))
+    parse = sweep._parser().parse_args
+    embedded = sweep.make_backend(parse(["run", "embedded"]), tmp_path)
+    assert embedded.threads == grids.LOCAL_THREADS_PER_JOB["embedded"] == 1
+    assert embedded.env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / ".sweep" / "jax_cache")
+    assert sweep.make_backend(parse(["run", "sec22"]), tmp_path).threads is None
+    assert sweep.make_backend(parse(["run", "embedded", "--threads_per_job=0"]),
+                              tmp_path).threads is None
+    assert sweep.make_backend(parse(["run", "sec22", "--threads_per_job=2"]),
+                              tmp_path).threads == 2
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert sweep.make_backend(parse(["run", "embedded"]), tmp_path).env == {}
