@@ -41,6 +41,18 @@ def test_lookup_table_ops_on_literal_images():
                                   [0, 254])
 
 
+def test_autocontrast_table_equals_pillows_double_arithmetic_for_every_range():
+    """All 32 640 (lo, hi) ranges at once, one per channel of a 2-pixel image, against
+    Pillow's formula int(i * scale + offset) in doubles, clamped to [0, 255]."""
+    lo, hi = (a.astype(np.int32) for a in np.triu_indices(256, k=1))
+    image = np.stack([lo, hi])[:, None, :]  # [2, 1, C]: pixel 0 holds lo, pixel 1 hi
+    got = np.asarray(jax.jit(augment.autocontrast_lut)(jnp.asarray(image)))  # [C, 256]
+    scale = 255.0 / (hi - lo)[:, None]
+    levels = np.arange(256)[None]
+    want = np.clip(np.trunc(levels * scale + (-lo[:, None] * scale)), 0, 255)
+    np.testing.assert_array_equal(got, want.astype(np.int32))
+
+
 def test_equalize_hand_computed():
     # 600 pixels: 256 x 10, 256 x 20, 88 x 30. step = (600 - 88) // 255 = 2 and
     # lut[i] = (step // 2 + #pixels below i) // step: 10 -> 0, 20 -> 257 // 2, 30 -> 256 -> 255.

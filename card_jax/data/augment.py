@@ -92,6 +92,20 @@ def _autocontrast_undershoots() -> np.ndarray:
     return np.sort(np.concatenate(codes)).astype(np.int32)
 
 
+@functools.cache
+def _undershoots_by_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_autocontrast_undershoots` grouped by (lo, hi): sorted pair codes lo * 256 + hi
+    `[P]`, each pair's first row and row count `[P]` in the levels `[N]` (i, pair-major).
+
+    5 958 pairs hold an undershoot, at most 17 levels each: one binary search per channel for
+    its pair, then a compare against those few levels, instead of a search per level.
+    """
+    codes = _autocontrast_undershoots()
+    pairs, starts, counts = np.unique(codes >> 8, return_index=True, return_counts=True)
+    return (pairs.astype(np.int32), starts.astype(np.int32), counts.astype(np.int32),
+            (codes & 255).astype(np.int32))
+
+
 def autocontrast_lut(image: jax.Array) -> jax.Array:
     """PIL ImageOps.autocontrast (cutoff 0): stretch each channel's [lo, hi] to [0, 255].
 
@@ -104,9 +118,16 @@ def autocontrast_lut(image: jax.Array) -> jax.Array:
     hi = flat.max(0)[:, None]
     span = jnp.maximum(hi - lo, 1)
     stretched = jnp.clip((_LEVELS[None] - lo) * 255 // span, 0, 255)
-    table = jnp.asarray(_autocontrast_undershoots())
-    codes = lo * 65536 + hi * 256 + _LEVELS[None]
-    found = table[jnp.clip(jnp.searchsorted(table, codes), 0, table.shape[0] - 1)] == codes
+    pairs, starts, counts, levels = _undershoots_by_pair()
+    most = int(counts.max())
+    pairs, starts, counts, levels = (jnp.asarray(a) for a in (pairs, starts, counts, levels))
+    pair = lo * 256 + hi                                        # [C, 1]
+    slot = jnp.clip(jnp.searchsorted(pairs, pair), 0, len(pairs) - 1)
+    offsets = jnp.arange(most)[None]                            # [1, most]
+    valid = (pairs[slot] == pair) & (offsets < counts[slot])    # [C, most]
+    rows = jnp.minimum(starts[slot] + offsets, len(levels) - 1)
+    candidates = jnp.where(valid, levels[rows], -1)
+    found = jnp.any(candidates[:, :, None] == _LEVELS[None, None, :], axis=1)  # [C, 256]
     stretched = stretched - found.astype(jnp.int32)
     return jnp.where(hi > lo, stretched, _LEVELS[None])
 
