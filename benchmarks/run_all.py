@@ -67,14 +67,10 @@ def _entry(name: str, src: dict[str, Any], *, target: float | None = None,
 def _train_step(doc: dict) -> list[dict]:
     out = []
     for model, res in doc.get("models", {}).items():
-        for key in ("r4_over_r1", "r4_vmap_over_r1", "r4_seed_speed_over_r1"):
+        for key in ("r4_over_r1", "r8_over_r1", "r4_vmap_over_r1", "r4_seed_speed_over_r1",
+                    "r1_fraction_of_peak"):
             if key in res:
                 out.append(_entry(f"{model}/{key}", res[key]))
-        run = res.get("runs", {}).get("r1")
-        if run:
-            out.append(_entry(f"{model}/r1_fraction_of_peak", {
-                "value": run["fraction_of_peak"], "paired_median": run["fraction_of_peak_paired"],
-                "definition": "training step GFLOP/s (card_jax.flops) at R=1 / fp32 matmul peak"}))
     return out
 
 

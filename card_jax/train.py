@@ -230,10 +230,7 @@ class CompiledSteps:
         dtype = cfg.train.compute_dtype
         train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
                                           constrain, dtype=dtype)
-        eval_one = steps.make_eval_step(exp.graphdef, exp.method, cfg.eval.batch_size,
-                                        dtype=dtype)
         train_r = realizations.over_realizations(train_one, self.strategy, num_shared=2)
-        eval_r = realizations.over_realizations(eval_one, self.strategy, num_shared=3)
         if mesh is None:
             device = jax.local_devices()[0]
             one = jax.sharding.SingleDeviceSharding(device)
@@ -246,7 +243,23 @@ class CompiledSteps:
             metrics_sharding = realizations.realization_sharding(mesh, {"loss": 0, "accuracy": 0})
         self.train = jax.jit(train_r, donate_argnums=0,
                              out_shardings=(self.state_sharding, metrics_sharding))
-        self.eval = jax.jit(eval_r)
+        self._eval_parts = (exp.graphdef, exp.method, dtype)
+        self._evals: dict[int, Callable] = {}
+        self.eval = self.eval_step(cfg.eval.batch_size)
+
+    def eval_step(self, batch_size: int) -> Callable:
+        """The jitted `[R]` eval step over `batch_size` examples, compiled on first use.
+
+        `self.eval` is the one of `eval.batch_size`; a set smaller than that (e.g. "-C" cells
+        of 500 images against batches of 1000) gets its own instead of being padded up to it,
+        which would double the work.
+        """
+        if batch_size not in self._evals:
+            graphdef, method, dtype = self._eval_parts
+            one = steps.make_eval_step(graphdef, method, batch_size, dtype=dtype)
+            self._evals[batch_size] = jax.jit(
+                realizations.over_realizations(one, self.strategy, num_shared=3))
+        return self._evals[batch_size]
 
     def place_state(self, host_state):
         return realizations.place(host_state, self.state_sharding)
@@ -257,10 +270,15 @@ class CompiledSteps:
 
 def evaluation_sums(compiled: CompiledSteps, state, images, labels,
                     batch_size: int) -> dict[str, np.ndarray]:
-    """Summed eval statistics per realization (`steps.make_eval_step`), leading axis `[R]`."""
+    """Summed eval statistics per realization (`steps.make_eval_step`), leading axis `[R]`.
+
+    Batches of `batch_size`, or one batch of the whole set when it is smaller.
+    """
+    batch_size = max(1, min(batch_size, images.shape[0]))
+    step = compiled.eval_step(batch_size)
     sums = None
     for start in range(0, images.shape[0], batch_size):
-        batch = compiled.eval(state, images, labels, jnp.int32(start))
+        batch = step(state, images, labels, jnp.int32(start))
         sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
     return realizations.to_host(sums)
 

@@ -78,6 +78,25 @@ def test_eval_uses_and_keeps_running_statistics():
         np.testing.assert_array_equal(stats_after[key], value)
 
 
+def test_a_set_smaller_than_the_eval_batch_is_not_padded_up_to_it():
+    config = smoke_config(train__steps=1)
+    exp = train.build_experiment(config)
+    compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
+    state = compiled.place_state(exp.state)
+    x, y = compiled.place_data(exp.dataset.test_images[:40],
+                               exp.dataset.test_labels[:40].astype(np.int32))
+    # 40 images with batches of 1000 run one batch of 40 (its own compiled step), and give
+    # the sums of batches of 8 and of 16 (the last one padded).
+    whole = train.evaluation_sums(compiled, state, x, y, 1000)
+    assert set(compiled._evals) >= {40, config.eval.batch_size}
+    for batch in (8, 16):
+        by_parts = train.evaluation_sums(compiled, state, x, y, batch)
+        for key in whole:
+            np.testing.assert_allclose(by_parts[key], whole[key], rtol=1e-5, atol=1e-5)
+    assert whole["bin_count"].sum(-1).tolist() == [40.0] * config.train.realizations
+    assert compiled.eval_step(16) is compiled.eval_step(16)
+
+
 def test_ece_literal():
     # Two bins used: 3 examples at confidence 0.9 (2 correct), 1 at 0.55 (correct).
     count = np.zeros(15); conf = np.zeros(15); correct = np.zeros(15)
