@@ -161,11 +161,11 @@ class EmbeddedKnobs:
     """Every number of the embedded sweep, in one place.
 
     Training dominates: dense, gmp, ep, bp train `epochs` once, ft 1.25 times, lth, lrr and
-    both CARDs (lrr by default) `1 + lth_levels` times. Measured with these defaults on 2 shared
-    cores (load ~4, 3.7 steps/s where a quiet machine does 4.6): 42 min in all; a one-epoch
-    run ~2:50 (2:07 training, 0:30 evaluating 95 "-C" cells of 1,000 images, ~0:15 start-up),
-    a two-training run (lth, lrr, CARDs) 3:30-5:15, the deck 1:20, each heat map job 1:50
-    (3 eps x 200 images), the "-C" set 0:18, the report 1 s.
+    both CARDs (lrr by default) `1 + lth_levels` times. Measured with these defaults on a quiet
+    2-core machine, two jobs side by side on one CPU each (~3 steps/s of R=2 per job): 15:11
+    in all; a one-training run 2:07-2:13 (~1:20 training, ~0:40 evaluating the clean set and
+    95 "-C" cells of 500 images), a two-training run (lth, lrr, CARDs) 3:20-3:55, the deck
+    2:12, each heat map job 0:40, the "-C" set 0:16, the report 1 s.
     """
 
     # The base config of every run; CARDs use its `:augmix` / `:gaussian` variants.
