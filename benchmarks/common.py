@@ -52,6 +52,23 @@ def fill_defaults(args, defaults: dict[str, Any]) -> None:
             setattr(args, key, value)
 
 
+def median_ratio(num: list[float], den: list[float], definition: str,
+                 target: float | None = None, comparison: str = ">=",
+                 scale: float = 1.0) -> dict[str, Any]:
+    """`scale * median(num) / median(den)`, the median of the per-round ratios (paired: it
+    cancels slow drifts in machine load), and, with a target, whether it is met."""
+    value = scale * median(num) / median(den)
+    entry: dict[str, Any] = {
+        "value": value,
+        "paired_median": median([scale * a / b for a, b in zip(num, den)]),
+        "definition": definition,
+    }
+    if target is not None:
+        met = value >= target if comparison == ">=" else value <= target
+        entry.update(target=target, comparison=comparison, met=bool(met))
+    return entry
+
+
 def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Calls each `variants[name]() -> float` (a time or a rate) once per round, round-robin.
 

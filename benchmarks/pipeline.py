@@ -73,15 +73,7 @@ VARIANTS = {  # name -> (data.augment, data.jsd)
 def ratio(num: list[float], den: list[float], definition: str,
           target: float | None = None) -> dict[str, Any]:
     """Time ratio median(num) / median(den) (lower is better) and its paired median."""
-    value = common.median(num) / common.median(den)
-    entry: dict[str, Any] = {
-        "value": value,
-        "paired_median": common.median([a / b for a, b in zip(num, den)]),
-        "definition": definition,
-    }
-    if target is not None:
-        entry.update(target=target, comparison="<=", met=bool(value <= target))
-    return entry
+    return common.median_ratio(num, den, definition, target, comparison="<=")
 
 
 def bench_width(width: float, args: argparse.Namespace) -> dict[str, Any]:

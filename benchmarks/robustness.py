@@ -130,15 +130,7 @@ class CompileClock:
 def ratio_entry(num: list[float], den: list[float], definition: str,
                 target: float | None = None) -> dict[str, Any]:
     """`median(num) / median(den)` and the median of the per-round ratios (both rates)."""
-    value = common.median(num) / common.median(den)
-    entry: dict[str, Any] = {
-        "value": value,
-        "paired_median": common.median([a / b for a, b in zip(num, den)]),
-        "definition": definition,
-    }
-    if target is not None:
-        entry.update(target=target, met=bool(value >= target))
-    return entry
+    return common.median_ratio(num, den, definition, target)
 
 
 def rate_summary(rates: list[float]) -> dict[str, Any]:
