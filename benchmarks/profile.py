@@ -96,9 +96,7 @@ def make_config(model: str, width: float, *, method: str = "dense", scope: str =
     overrides = {"method.name": method, "method.scope": scope, "method.sparsity": sparsity,
                  "train.compute_dtype": dtype, "data.augment": augment_name,
                  "data.jsd": jsd, **extra}
-    for dotted, value in overrides.items():
-        parent, key = config_util.resolve_override(config, dotted)
-        parent[key] = value
+    config_util.set_values(config, overrides)
     return config
 
 @dataclasses.dataclass
@@ -119,10 +117,7 @@ class Setup:
 
     def spec(self) -> steps.BatchSpec:
         """The BatchSpec `train.CompiledSteps` builds from the config."""
-        cfg = self.config
-        return steps.BatchSpec(cfg.train.batch_size, len(self.exp.dataset.train_images),
-                               cfg.data.seed, cfg.data.crop_padding, cfg.data.flip,
-                               cfg.data.augment, cfg.data.jsd)
+        return train.batch_spec(self.exp)
 
     def parts(self) -> steps.TrainStepParts:
         cfg = self.config

@@ -221,9 +221,7 @@ def build_model(args: argparse.Namespace):
         "eval.batch_size": args.eval_batch,
         "data.synthetic.test_size": max(256, args.heatmap_images, args.c_images),
     }
-    for dotted, value in overrides.items():
-        parent, key = config_util.resolve_override(config, dotted)
-        parent[key] = value
+    config_util.set_values(config, overrides)
     exp = train.build_experiment(config)
     compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
     state = compiled.place_state(exp.state)

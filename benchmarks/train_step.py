@@ -69,7 +69,7 @@ def make_config(model: str, width: float, realizations: int, strategy: str, batc
                 train_size: int):
     """configs/smoke.py turned into a CIFAR-shaped run of `model` (synthetic data).
 
-    Overrides go through `config_util.resolve_override`, like `--config.x.y=v` on the command
+    Overrides go through `config_util.set_values`, like `--config.x.y=v` on the command
     line, so a renamed config key fails here loudly instead of being silently added.
     """
     config = config_util.load_config_file(SMOKE_CONFIG)
@@ -89,9 +89,7 @@ def make_config(model: str, width: float, realizations: int, strategy: str, batc
         "train.strategy": strategy,
         "train.steps": 1000,  # only shapes the LR schedule; the benchmark runs its own steps
     }
-    for dotted, value in overrides.items():
-        parent, key = config_util.resolve_override(config, dotted)
-        parent[key] = value
+    config_util.set_values(config, overrides)
     return config
 
 

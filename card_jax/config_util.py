@@ -109,6 +109,14 @@ def resolve_override(config: ml_collections.ConfigDict, dotted: str) -> tuple[An
     raise AssertionError("unreachable")
 
 
+def set_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    """Sets `{"a.b.c": value, ...}` in place, each key checked like `--config.a.b.c`
+    (a renamed or misspelt key is a ConfigError, never a silently added one)."""
+    for dotted, value in values.items():
+        parent, key = resolve_override(config, dotted)
+        parent[key] = value
+
+
 def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
     """Validates every `--config.x.y=v` in argv against `config` (keys and value types)."""
     for arg in argv:

@@ -213,6 +213,13 @@ def build_experiment(config, dataset: sources.Dataset | None = None) -> Experime
                       level_plans(config, method, schedule, total, steps_per_epoch))
 
 
+def batch_spec(exp: Experiment) -> steps.BatchSpec:
+    """How the train step draws and augments its batches, from the config and the data."""
+    cfg = exp.config
+    return steps.BatchSpec(cfg.train.batch_size, len(exp.dataset.train_images), cfg.data.seed,
+                           cfg.data.crop_padding, cfg.data.flip, cfg.data.augment, cfg.data.jsd)
+
+
 class CompiledSteps:
     """The jitted `[R]` train and eval steps of one level plan, and where inputs live."""
 
@@ -224,9 +231,7 @@ class CompiledSteps:
         mesh = self.mesh
         constrain = (lambda x: x) if mesh is None else (
             lambda x: jax.lax.with_sharding_constraint(x, realizations.batch_sharding(mesh)))
-        spec = steps.BatchSpec(cfg.train.batch_size, len(exp.dataset.train_images),
-                               cfg.data.seed, cfg.data.crop_padding, cfg.data.flip,
-                               cfg.data.augment, cfg.data.jsd)
+        spec = batch_spec(exp)
         dtype = cfg.train.compute_dtype
         train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
                                           constrain, dtype=dtype)

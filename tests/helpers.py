@@ -18,9 +18,7 @@ def smoke_config(**overrides):
     from card_jax import config_util
 
     config = config_util.load_config_file(SMOKE)
-    for dotted, value in overrides.items():
-        parent, key = config_util.resolve_override(config, dotted.replace("__", "."))
-        parent[key] = value
+    config_util.set_values(config, {k.replace("__", "."): v for k, v in overrides.items()})
     return config
 
 

@@ -257,11 +257,15 @@ def _layout(sizes: Sequence[int], groups: Sequence[int]) -> _Layout:
                    last, group_size)
 
 
+def _before_groups(cs: jax.Array, lay: _Layout) -> jax.Array:
+    """Inclusive cumulative sums over blocks `[nb]` -> the total before each group `[G]`."""
+    return jnp.where(lay.group_first > 0, cs[np.maximum(lay.group_first - 1, 0)], 0)
+
+
 def _group_sums(per_block: jax.Array, lay: _Layout) -> jax.Array:
     """int32 [nb] -> [G]: sums over each group's contiguous blocks (cumsum over blocks only)."""
     cs = jnp.cumsum(per_block, dtype=jnp.int32)
-    before = jnp.where(lay.group_first > 0, cs[np.maximum(lay.group_first - 1, 0)], 0)
-    return cs[lay.group_last] - before
+    return cs[lay.group_last] - _before_groups(cs, lay)
 
 
 def _row_counts(pred: jax.Array) -> jax.Array:
@@ -327,7 +331,7 @@ def _topk_groups(values: list[jax.Array], k: jax.Array, groups: tuple[int, ...])
     tie = (keys == t_block) & real
     tie_block = _row_counts(tie)                            # [nb]
     cs = jnp.cumsum(tie_block, dtype=jnp.int32)
-    base = jnp.where(lay.group_first > 0, cs[np.maximum(lay.group_first - 1, 0)], 0)  # [G]
+    base = _before_groups(cs, lay)                          # [G]
     # Blocks of a group whose inclusive tie count is still below need come before the target.
     short = (cs - base[lay.block_group]) < need[lay.block_group]
     target = jnp.minimum(lay.group_first + _group_sums(short.astype(jnp.int32), lay),
@@ -365,33 +369,34 @@ def topk_leaf_mask(x: jax.Array, k: jax.Array | int) -> jax.Array:
     return _select([x], [k], (0,))[0]
 
 
+def _rank_prunable(scores: Any, prunable: Prunable | None, counts: list[Any],
+                   group_of: Callable[[int], int]) -> Mask:
+    """Ranks the prunable leaves of `scores` in one `_select`: the j-th prunable leaf is in
+    group `group_of(j)`, which keeps `counts[group]`; other leaves get all-True masks."""
+    prunable = _prunable_or_all(scores, prunable)
+    leaves, treedef = jax.tree.flatten(scores)
+    flags = jax.tree.leaves(prunable)
+    chosen = [s for s, f in zip(leaves, flags) if f]
+    it = iter(_select(chosen, counts, tuple(group_of(j) for j in range(len(chosen)))))
+    return jax.tree.unflatten(
+        treedef, [next(it) if f else jnp.ones(jnp.shape(s), bool) for s, f in zip(leaves, flags)])
+
+
 def topk_mask_n(scores: Any, n_keep: Any, prunable: Prunable | None = None) -> Mask:
     """Per-leaf top-k: leaf i keeps its `n_keep[i]` largest scores (counts may be traced).
 
     All prunable leaves are ranked in one compiled search (one group per leaf), not one
     search per leaf."""
-    prunable = _prunable_or_all(scores, prunable)
-    leaves, treedef = jax.tree.flatten(scores)
-    counts = treedef.flatten_up_to(n_keep)
-    flags = jax.tree.leaves(prunable)
-    chosen = [i for i, f in enumerate(flags) if f]
-    picked = dict(zip(chosen, _select([leaves[i] for i in chosen], [counts[i] for i in chosen],
-                                      tuple(range(len(chosen))))))
-    return jax.tree.unflatten(treedef, [picked[i] if i in picked else
-                                        jnp.ones(jnp.shape(s), bool)
-                                        for i, s in enumerate(leaves)])
+    flags = jax.tree.leaves(_prunable_or_all(scores, prunable))
+    counts = jax.tree.structure(scores).flatten_up_to(n_keep)
+    counts = [c for c, f in zip(counts, flags) if f]
+    return _rank_prunable(scores, prunable, counts, lambda j: j)
 
 
 def global_topk_mask_n(scores: Any, n_keep: jax.Array | int,
                        prunable: Prunable | None = None) -> Mask:
     """One ranking over all prunable leaves: keeps exactly `n_keep` (may be traced) scores."""
-    prunable = _prunable_or_all(scores, prunable)
-    leaves, treedef = jax.tree.flatten(scores)
-    flags = jax.tree.leaves(prunable)
-    chosen = [s for s, f in zip(leaves, flags) if f]
-    it = iter(_select(chosen, [n_keep], (0,) * len(chosen)))
-    return jax.tree.unflatten(
-        treedef, [next(it) if f else jnp.ones(jnp.shape(s), bool) for s, f in zip(leaves, flags)])
+    return _rank_prunable(scores, prunable, [n_keep], lambda j: 0)
 
 
 def topk_mask(scores: Any, sparsity: float, prunable: Prunable | None = None) -> Mask:
