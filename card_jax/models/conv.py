@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models.convolution import conv_general_dilated
 from card_jax.models.layers import (
     ImageClassifier,
     kaiming_normal_fan_in,
@@ -82,6 +83,7 @@ class ConvNet(ImageClassifier):
                         padding="SAME",
                         use_bias=False,
                         kernel_init=kaiming_normal_fan_in,
+                        conv_general_dilated=conv_general_dilated,
                         rngs=rngs,
                     )
                 )

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models.convolution import conv_general_dilated
 from card_jax.models.layers import (
     ImageClassifier,
     batch_norm,
@@ -48,6 +49,7 @@ def conv_kxk(c_in: int, c_out: int, k: int, stride: int, rngs: nnx.Rngs, groups:
         feature_group_count=groups,
         use_bias=False,
         kernel_init=kaiming_normal_fan_out,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 

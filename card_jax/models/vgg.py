@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models.convolution import conv_general_dilated
 from card_jax.models.layers import (
     ImageClassifier,
     batch_norm,
@@ -51,6 +52,7 @@ class _ConvBN(nnx.Module):
             use_bias=True,
             kernel_init=kaiming_normal_fan_in,
             bias_init=torch_default_bias(9 * c_in),
+            conv_general_dilated=conv_general_dilated,
             rngs=rngs,
         )
         self.bn = batch_norm(c_out, affine=bn_affine, rngs=rngs)

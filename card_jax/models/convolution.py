@@ -1,0 +1,265 @@
+"""A drop-in ``conv_general_dilated`` for ``nnx.Conv`` that is fast on XLA:CPU.
+
+Every model passes :func:`conv_general_dilated` to ``nnx.Conv``. On accelerators it is
+XLA's convolution (cuDNN on GPU) in all three passes: the CPU choices below sit behind
+``lax.platform_dependent``. On CPU, three passes of a 2-D convolution of ``x``
+``[B, H, W, C]`` with an HWIO kernel ``[kh, kw, C, O]`` into ``[B, Ho, Wo, O]`` become
+im2col matrix products taken a few images at a time:
+
+* the weight gradient (always; the largest single cost of a training step):
+
+      dW[i, j, c, o] = sum_{b, y, x} x_pad[b, s*y + i, s*x + j, c] * g[b, y, x, o]
+
+  for each chunk of ``k`` images the patch matrix ``[k * Ho * Wo, kh * kw * C]`` is built
+  in cache and multiplied with the chunk's cotangent ``[k * Ho * Wo, O]``, accumulated in
+  float32 under a ``lax.scan``;
+* the forward pass, when ``C <= IM2COL_MAX_IN_CHANNELS`` and the stride is 1:
+  ``patches @ W`` per chunk under ``lax.map``;
+* the input gradient of a stride-1 convolution, which is the forward operation applied to
+  the cotangent with the flipped, in/out-swapped kernel (same channel rule, on ``O``).
+  Strided input gradients stay XLA's transposed convolutions.
+
+Why (benchmarks/README.md, issue 7): XLA:CPU runs these convolutions as Eigen spatial
+convolutions; on the 2-core AVX-512 machine, batch 128, a 32x32 64->64 layer took 137 ms
+forward and 250-275 ms for its weight gradient (70 and 35-40 GFLOP/s) where a matrix
+product of the same FLOPs reaches 150-200 GFLOP/s. Building the whole patch matrix at once
+does not help: it is 302 MB for that layer and writing it is bound by memory bandwidth
+(slower than XLA). In 2-image chunks it stays in cache: forward 93-110 ms, weight gradient
+127 ms; the Conv-4 training step went from 0.34 to 0.56 of the matmul peak.
+
+Results equal XLA's up to float32 summation order (tests compare forward and both
+gradients for strides 1 and 2, 1x1/3x3 kernels, SAME/VALID/explicit padding, odd batch
+sizes, float32 and bfloat16, under vmap). Other arguments (dilations, grouped convolutions,
+other layouts, ``preferred_element_type``) go to ``lax.conv_general_dilated`` unchanged.
+The fast path is reverse-mode only (a ``jax.custom_vjp``); nothing in card_jax takes
+forward-mode derivatives through a network.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Patch-matrix bytes per chunk of images: a chunk's patches must stay in the CPU's caches
+# (the 2-core machine: 1 MB L2 per core, 32 MB shared L3). Per layer at batch 128, 2-image
+# chunks (1.1-4.5 MB) were the fastest or within noise of it in every Conv-4/Conv-8 layer;
+# 8-16 images were 1.2-1.6x slower in the 64- and 128-channel layers; the whole batch at
+# once (302 MB for 32x32x64) 2x slower: writing it is bound by memory bandwidth.
+CHUNK_BYTES = 5 << 19  # 2.5 MB
+
+# On CPU the forward convolution (and a stride-1 input gradient, the same operation on the
+# cotangent) also goes through im2col when its input has at most this many channels. Batch
+# 128, ms, XLA vs im2col in chunks: 32x32 3->64 25 vs 17-19; 32x32 64->64 137 vs 93-112;
+# 16x16 64->128 46 vs 32-42; but 16x16 128->128 48 (200 GFLOP/s, XLA at its best) vs 59-84.
+IM2COL_MAX_IN_CHANNELS = 64
+MIN_CHUNK_IMAGES = 2
+
+# Flax's dimension numbers for a 2-D NHWC input and an HWIO kernel (what `nnx.Conv` passes).
+_NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                      out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` with the signature `nnx.Conv` calls; see the module doc.
+
+    The fast path takes 2-D convolutions of ``lhs`` ``[B, H, W, C]`` with an HWIO kernel
+    ``[kh, kw, C, O]`` (Flax's layout), any strides and padding, no dilation, one group;
+    it returns ``[B, Ho, Wo, O]`` exactly as XLA's forward convolution does.
+    """
+    plain = functools.partial(
+        lax.conv_general_dilated, lhs, rhs, window_strides, padding,
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+    if (lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
+            or preferred_element_type is not None or any(v is not None for v in kwargs.values())
+            or not _all_ones(lhs_dilation) or not _all_ones(rhs_dilation)
+            or not _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape)):
+        return plain()
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+        pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if any(p < 0 for pair in pads for p in pair):
+        return plain()
+    return conv2d(lhs, rhs, strides, pads, precision)
+
+
+def _all_ones(dilation: Sequence[int] | None) -> bool:
+    return dilation is None or all(int(d) == 1 for d in dilation)
+
+
+def _is_nhwc_hwio(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
+    if dimension_numbers is None:
+        return False  # lax's default is NCHW / OIHW
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    return dn == _NHWC_HWIO
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+           pads: tuple[tuple[int, int], tuple[int, int]], precision: Any = None) -> jax.Array:
+    """2-D convolution ``[B, H, W, C] * [kh, kw, C, O] -> [B, Ho, Wo, O]`` (NHWC, HWIO).
+
+    Args:
+      strides: ``(sy, sx)``.
+      pads: explicit ``((top, bottom), (left, right))`` zero padding.
+    """
+    return _forward(x, w, strides, pads, precision)
+
+
+def _xla_conv(x, w, strides, pads, precision):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=precision)
+
+
+def _forward(x, w, strides, pads, precision):
+    """XLA's convolution, or on CPU im2col products where those measured faster."""
+    if x.shape[-1] > IM2COL_MAX_IN_CHANNELS or strides != (1, 1):
+        return _xla_conv(x, w, strides, pads, precision)
+    return lax.platform_dependent(
+        x, w,
+        cpu=functools.partial(conv_im2col, strides=strides, pads=pads, precision=precision),
+        default=functools.partial(_xla_conv, strides=strides, pads=pads, precision=precision))
+
+
+def _conv2d_fwd(x, w, strides, pads, precision):
+    return _forward(x, w, strides, pads, precision), (x, w)
+
+
+def _conv2d_bwd(strides, pads, precision, residuals, g):
+    x, w = residuals
+    kh, kw = w.shape[:2]
+    # The input gradient of a stride-1 convolution is the convolution of the padded
+    # cotangent with the spatially flipped, in/out-swapped kernel.
+    flipped_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+    if strides == (1, 1) and all(p >= 0 for pair in flipped_pads for p in pair):
+        dx = _forward(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), strides, flipped_pads,
+                      precision)
+    else:  # XLA's transposed convolution (lhs-dilated by the strides)
+        _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, pads, precision), x)
+        (dx,) = input_vjp(g)
+
+    def xla_weight_grad(x, g):
+        _, weight_vjp = jax.vjp(lambda w_: _xla_conv(x, w_, strides, pads, precision), w)
+        return weight_vjp(g)[0]
+
+    dw = lax.platform_dependent(
+        x, g,
+        cpu=functools.partial(weight_grad_im2col, kernel_shape=w.shape, strides=strides,
+                              pads=pads, precision=precision),
+        default=xla_weight_grad)
+    return dx, dw
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def chunk_images(batch: int, bytes_per_image: int, budget: int = CHUNK_BYTES) -> int:
+    """Images per chunk: the largest divisor of `batch` within `budget` bytes, at least 2.
+
+    One image per chunk was 1.2-1.5x slower than two in every layer measured, even where two
+    images' patches exceed the budget (32x32x64: 2.25 MB per image).
+    """
+    fit = max(MIN_CHUNK_IMAGES, budget // max(1, bytes_per_image))
+    return max(d for d in range(1, min(batch, fit) + 1) if batch % d == 0)
+
+
+def image_patches(x_pad: jax.Array, kernel_hw: tuple[int, int], out_hw: tuple[int, int],
+                  strides: tuple[int, int]) -> jax.Array:
+    """im2col: ``[k, Hp, Wp, C] -> [k * Ho * Wo, kh * kw * C]`` (taps row-major, then C).
+
+    Row ``(b, y, x)`` holds the ``kh x kw`` window at ``(s_y * y, s_x * x)`` of the already
+    padded input, flattened like an HWIO kernel's first three axes.
+    """
+    (kh, kw), (ho, wo), (sy, sx) = kernel_hw, out_hw, strides
+    k, c = x_pad.shape[0], x_pad.shape[-1]
+    taps = [x_pad[:, i:i + sy * (ho - 1) + 1:sy, j:j + sx * (wo - 1) + 1:sx, :]
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return patches.reshape(k * ho * wo, kh * kw * c)
+
+
+def conv_im2col(x: jax.Array, w: jax.Array, *, strides: tuple[int, int],
+                pads: tuple[tuple[int, int], tuple[int, int]], precision: Any = None,
+                chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """The forward convolution of :func:`conv2d` as chunked im2col matrix products.
+
+    ``x`` ``[B, H, W, C]``, ``w`` ``[kh, kw, C, O]`` -> ``[B, Ho, Wo, O]``: for each chunk of
+    images (``lax.map``), ``patches [k * Ho * Wo, kh * kw * C] @ w [kh * kw * C, O]``.
+    """
+    kh, kw, c, o = w.shape
+    b, h, w_px = x.shape[:3]
+    ho, wo = _output_size((h, w_px), (kh, kw), strides, pads)
+    k = chunk_images(b, ho * wo * kh * kw * c * x.dtype.itemsize, chunk_bytes)
+    w_matrix = w.reshape(kh * kw * c, o)
+
+    def chunk_output(x_chunk):
+        patches = image_patches(_pad(x_chunk, pads), (kh, kw), (ho, wo), strides)
+        return jnp.dot(patches, w_matrix, precision=precision).reshape(k, ho, wo, o)
+
+    y = lax.map(chunk_output, x.reshape(b // k, k, *x.shape[1:]))
+    return y.reshape(b, ho, wo, o)
+
+
+def _output_size(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))
+
+
+def _pad(x: jax.Array, pads) -> jax.Array:
+    """Zero-pads the spatial axes of ``[k, H, W, C]``. Done per chunk, inside the loop, so
+    that the padded copy is written to cache rather than as a whole batch to memory."""
+    return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+def weight_grad_im2col(x: jax.Array, g: jax.Array, *, kernel_shape: tuple[int, ...],
+                       strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]],
+                       precision: Any = None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """Weight gradient of :func:`conv2d` as chunked im2col matrix products.
+
+    Args:
+      x: the forward input ``[B, H, W, C]``.
+      g: the output cotangent ``[B, Ho, Wo, O]``.
+      kernel_shape: ``(kh, kw, C, O)``.
+      chunk_bytes: patch-matrix bytes per chunk of images (see `CHUNK_BYTES`).
+
+    Returns:
+      ``[kh, kw, C, O]`` in ``x``'s dtype, accumulated in float32.
+    """
+    kh, kw, c, o = kernel_shape
+    b, ho, wo = g.shape[:3]
+    k = chunk_images(b, ho * wo * kh * kw * c * x.dtype.itemsize, chunk_bytes)
+    xs = x.reshape(b // k, k, *x.shape[1:])
+    gs = g.reshape(b // k, k * ho * wo, o)
+
+    def accumulate(total, chunk):
+        x_chunk, g_chunk = chunk
+        patches = image_patches(_pad(x_chunk, pads), (kh, kw), (ho, wo), strides)
+        return total + lax.dot_general(patches, g_chunk, (((0,), (0,)), ((), ())),
+                                       precision=precision,
+                                       preferred_element_type=jnp.float32), None
+
+    total, _ = lax.scan(accumulate, jnp.zeros((kh * kw * c, o), jnp.float32), (xs, gs))
+    return total.reshape(kh, kw, c, o).astype(x.dtype)

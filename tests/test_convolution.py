@@ -1,0 +1,170 @@
+"""card_jax.models.convolution: the CPU im2col passes against XLA's own convolution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from card_jax.models import convolution, conv4, resnet18
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla(x, w, strides, padding):
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+
+def _ours(x, w, strides, padding):
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    return convolution.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+
+CASES = [
+    # batch, size, C, O, kernel, stride, padding
+    (4, 8, 3, 5, 3, 1, "SAME"),
+    (3, 9, 4, 7, 3, 2, ((1, 1), (1, 1))),  # odd batch, odd size, strided
+    (4, 8, 4, 6, 1, 2, "VALID"),  # ResNet's projection shortcut
+    (2, 7, 3, 4, 3, 1, "VALID"),
+    (1, 6, 2, 3, 3, 1, ((2, 0), (0, 1))),  # batch 1, asymmetric padding
+    (5, 6, 80, 8, 3, 1, "SAME"),  # more input channels than IM2COL_MAX_IN_CHANNELS
+    (2, 6, 8, 80, 3, 1, "SAME"),  # input gradient through XLA (O > the limit)
+]
+
+
+@pytest.mark.parametrize("batch,size,c,o,k,s,padding", CASES)
+def test_forward_and_gradients_match_xla(batch, size, c, o, k, s, padding):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (batch, size, size, c))
+    w = jax.random.normal(kw, (k, k, c, o))
+    want, xla_vjp = jax.vjp(lambda x, w: _xla(x, w, (s, s), padding), x, w)
+    got, our_vjp = jax.jit(lambda x, w: jax.vjp(
+        lambda x, w: _ours(x, w, (s, s), padding), x, w))(x, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    g = jax.random.normal(kg, want.shape)
+    for mine, ref in zip(jax.jit(our_vjp)(g), xla_vjp(g)):
+        np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_gradient_by_hand():
+    """Literal cases worked out by hand."""
+    # x: one 2x2 image, one channel; kernel 2x2 VALID -> one output pixel y = sum x * w.
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+    g = jnp.array([10.0]).reshape(1, 1, 1, 1)
+    dw = convolution.weight_grad_im2col(x, g, kernel_shape=(2, 2, 1, 1), strides=(1, 1),
+                                        pads=((0, 0), (0, 0)))
+    # dL/dw[i, j] = g * x[i, j]
+    np.testing.assert_array_equal(dw[..., 0, 0], [[10.0, 20.0], [30.0, 40.0]])
+    # SAME padding, 3x3 kernel of ones: each output is the sum of its (zero-padded) window.
+    y = convolution.conv_im2col(x, jnp.ones((3, 3, 1, 1)), strides=(1, 1),
+                                pads=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(y[0, ..., 0], [[10.0, 10.0], [10.0, 10.0]])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 600, 10**9])
+def test_chunking_does_not_change_results(chunk_bytes):
+    x = jax.random.normal(jax.random.key(1), (6, 5, 5, 3))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+    g = jax.random.normal(jax.random.key(3), (6, 5, 5, 4))
+    pads = ((1, 1), (1, 1))
+    np.testing.assert_allclose(
+        convolution.conv_im2col(x, w, strides=(1, 1), pads=pads, chunk_bytes=chunk_bytes),
+        _xla(x, w, (1, 1), "SAME"), rtol=1e-5, atol=1e-5)
+    _, vjp = jax.vjp(lambda w: _xla(x, w, (1, 1), "SAME"), w)
+    np.testing.assert_allclose(
+        convolution.weight_grad_im2col(x, g, kernel_shape=w.shape, strides=(1, 1), pads=pads,
+                                       chunk_bytes=chunk_bytes),
+        vjp(g)[0], rtol=1e-5, atol=1e-4)
+
+
+def test_chunk_images():
+    # 2.25 MB per image (32x32x64 patches): two images although that is over the budget.
+    assert convolution.chunk_images(128, 9 * 64 * 1024 * 4) == 2
+    assert convolution.chunk_images(128, 1000, budget=8000) == 8
+    assert convolution.chunk_images(12, 1000, budget=5000) == 4  # largest divisor <= 5
+    assert convolution.chunk_images(7, 1000, budget=5000) == 1  # prime batch
+    assert convolution.chunk_images(1, 10**9) == 1
+
+
+def test_bfloat16_matches_xla_within_bf16_precision():
+    x = jax.random.normal(jax.random.key(4), (4, 8, 8, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(5), (3, 3, 16, 8)).astype(jnp.bfloat16)
+    want, xla_vjp = jax.vjp(lambda x, w: _xla(x, w, (1, 1), "SAME"), x, w)
+    got, our_vjp = jax.vjp(lambda x, w: _ours(x, w, (1, 1), "SAME"), x, w)
+    assert got.dtype == jnp.bfloat16
+    g = jnp.ones_like(want)
+    for mine, ref in [(got, want), *zip(our_vjp(g), xla_vjp(g))]:
+        assert mine.dtype == ref.dtype == jnp.bfloat16
+        scale = float(jnp.abs(ref.astype(jnp.float32)).max())
+        err = float(jnp.abs(mine.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+        assert err <= 2e-2 * scale
+
+
+def test_vmap_over_kernels_matches_per_kernel():
+    """Realizations under `train.strategy=vmap` batch the kernel and the input."""
+    x = jax.random.normal(jax.random.key(6), (3, 2, 6, 6, 4))
+    w = jax.random.normal(jax.random.key(7), (3, 3, 3, 4, 5))
+
+    def loss(x, w):
+        return jnp.sum(_ours(x, w, (1, 1), "SAME") ** 2)
+
+    batched = jax.vmap(jax.grad(loss, argnums=(0, 1)))(x, w)
+    for r in range(3):
+        want = jax.grad(lambda x, w: jnp.sum(_xla(x, w, (1, 1), "SAME") ** 2),
+                        argnums=(0, 1))(x[r], w[r])
+        for got, ref in zip(batched, want):
+            np.testing.assert_allclose(got[r], ref, rtol=1e-5, atol=1e-3)
+
+
+def test_unsupported_arguments_are_plain_lax():
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(9), (3, 3, 2, 6))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    for kwargs in [dict(feature_group_count=2), dict(rhs_dilation=(2, 2), feature_group_count=2)]:
+        jaxpr = jax.make_jaxpr(lambda x, w: convolution.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs))(x, w)
+        assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["conv_general_dilated"]
+        np.testing.assert_array_equal(
+            convolution.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs),
+            lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs))
+
+
+@pytest.mark.parametrize("build", [
+    lambda rngs: conv4(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                       width=0.25, image_size=16, rngs=rngs),
+    lambda rngs: resnet18(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                          width=8, rngs=rngs),
+])
+def test_models_match_plain_lax_convolutions(build):
+    """The same model with every nnx.Conv switched back to lax gives the same loss/grads."""
+    ours = build(nnx.Rngs(0))
+    plain = build(nnx.Rngs(0))
+    n = 0
+    for _, module in nnx.iter_graph(plain):
+        if isinstance(module, nnx.Conv):
+            assert module.conv_general_dilated is convolution.conv_general_dilated
+            module.conv_general_dilated = lax.conv_general_dilated
+            n += 1
+    assert n > 0
+    x = jax.random.uniform(jax.random.key(10), (4, 16, 16, 3))
+    y = jnp.arange(4) % 10
+
+    def loss_and_grad(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, rest):
+            m = nnx.merge(graphdef, params, rest)
+            logits = m(x, train=False)  # BatchNorm with its initial statistics
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+        return jax.jit(jax.value_and_grad(loss))(params, rest)
+
+    (l1, g1), (l2, g2) = loss_and_grad(ours), loss_and_grad(plain)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
