@@ -25,10 +25,11 @@ does no host work and no host->device copy. Section `steps` measures what that c
                                    triples the forward/backward batch by design)
 
 Section `augmix_breakdown` (where AugMix's time goes; `card_jax/data/augment.py` is not
-changed by this benchmark): ms per batch of the full AugMix (3 chains of depth 1-3, so 9 chain
-steps are computed per image: `depth=-1` draws the depth per chain and runs a scan of 3 masked
-steps), AugMix with depth 1, one chain step, and the pieces of a chain step: the four colour
-lookup tables (autocontrast and equalize need per-image histograms), applying a table, and the
+changed by this benchmark): ms per batch of the production AugMix (3 chains of depth 1-3 per
+image, 6 chain steps on average, each computing only the table or warp its op needs), of the
+earlier layout `augmix_all_steps` (9 masked steps per image, every piece in each: same
+values), AugMix with depth 1, one full chain step, and its pieces: the image-dependent colour
+tables (autocontrast; equalize needs a per-image histogram), applying a table, and the
 bilinear affine warp.
 """
 
@@ -60,8 +61,8 @@ from card_jax.data import augment  # noqa: E402
 log = logging.getLogger("card_jax.benchmarks.pipeline")
 
 TARGET_AUGMIX_OVER_NONE = 1.15
-BREAKDOWN = ("augmix", "augmix_depth1", "chain_step", "colour_tables", "apply_table",
-             "affine_warp")
+BREAKDOWN = ("augmix", "augmix_all_steps", "augmix_depth1", "chain_step", "colour_tables",
+             "apply_table", "affine_warp")
 VARIANTS = {  # name -> (data.augment, data.jsd)
     "none": ("none", False),
     "augmix": ("augmix", False),
@@ -131,6 +132,33 @@ def bench_width(width: float, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def augmix_all_steps(key: jax.Array, x01: jax.Array) -> jax.Array:
+    """AugMix laid out as card_jax computed it before the paged chain steps: per image, a
+    scan over 3 masked steps of 3 chains, each step building every table and the warp.
+
+    Same values as `augment.augmix` (the same draws); timed beside it for the before/after.
+    """
+    def one(k, x):
+        weights, m, chain_key = augment._mix_draws(k, 3, 1.0)
+        levels = jnp.round(x * 255.0).astype(jnp.int32)
+
+        def chain(ck):
+            depth_key, step_key = jax.random.split(ck)
+            d = jax.random.randint(depth_key, (), 1, 4)
+
+            def body(image, s):
+                stepped = augment._chain_step(jax.random.fold_in(step_key, s), image, 3.0)
+                return jnp.where(s < d, stepped, image), None
+
+            image, _ = jax.lax.scan(body, levels, jnp.arange(3))
+            return image.astype(jnp.float32) * (1.0 / 255.0)
+
+        mix = jnp.tensordot(weights, jax.vmap(chain)(jax.random.split(chain_key, 3)), axes=1)
+        return jnp.clip((1.0 - m) * x + m * mix, 0.0, 1.0)
+
+    return jax.vmap(one)(jax.random.split(key, x01.shape[0]), x01)
+
+
 def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     """ms per batch of AugMix and of the pieces of one chain step (vmapped over the batch)."""
     # The benchmarks' synthetic CIFAR-shaped images (class prototypes, not noise: the colour
@@ -144,6 +172,7 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     rotate = augment.rotate_matrix(jnp.float32(20.0), h, w)
     fns: dict[str, tuple[Callable, tuple]] = {
         "augmix": (augment.augmix, (key, x01)),
+        "augmix_all_steps": (augmix_all_steps, (key, x01)),
         "augmix_depth1": (functools.partial(augment.augmix, depth=1), (key, x01)),
         "chain_step": (jax.vmap(lambda k, im: augment._chain_step(k, im, 3.0)), (keys, levels)),
         "colour_tables": (jax.vmap(lambda im: (augment.autocontrast_lut(im),
@@ -167,12 +196,17 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         "ms": ms,
         "ms_per_image": {n: v / x01.shape[0] for n, v in ms.items()},
         "compile_s": {n: p.info["compile_s"] for n, p in pieces.items()},
-        "chain_steps_per_image": 9,
-        "augmix_over_9_chain_steps": ms["augmix"] / (9 * ms["chain_step"]),
+        "chain_steps_drawn_per_image": 6,
+        "augmix_over_6_chain_steps": ms["augmix"] / (6 * ms["chain_step"]),
+        "augmix_over_all_steps": ms["augmix"] / ms["augmix_all_steps"]
+        if "augmix_all_steps" in ms else None,
         "colour_tables_fraction_of_chain_step": ms["colour_tables"] / ms["chain_step"],
-        "definition": "AugMix computes width 3 x max depth 3 = 9 chain steps per image (depth "
-                      "is drawn per chain; the scan masks the unused steps); a chain step "
-                      "builds all colour tables and one affine warp whatever op it draws",
+        "definition": "AugMix draws 3 chains of depth 1-3 per image (6 chain steps on "
+                      "average); `augmix` computes a histogram table only for the chain steps "
+                      "that drew autocontrast/equalize and a warp only for the geometric ones "
+                      "(augment._paged_update). augmix_all_steps: the earlier layout, 9 masked "
+                      "steps per image each building every table and the warp (same values); "
+                      "chain_step: one such step of every image",
     }
 
 
@@ -196,9 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "breakdown_images": 32 if quick else profile_bench.BATCH}
     common.fill_defaults(args, defaults)
     args.widths = [float(w) for w in args.widths.split(",") if w.strip()]
-    # --quick skips what only adds compile time: the JSD and Gaussian steps, AugMix at depth 1.
+    # --quick skips what only adds compile time: the JSD and Gaussian steps, AugMix at depth 1
+    # and in its earlier layout.
     args.variants = [v for v in VARIANTS if not (quick and v in ("jsd", "gaussian"))]
-    args.breakdown = [b for b in BREAKDOWN if not (quick and b == "augmix_depth1")]
+    args.breakdown = [b for b in BREAKDOWN
+                      if not (quick and b in ("augmix_depth1", "augmix_all_steps"))]
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     return args

@@ -27,6 +27,10 @@ at batch 128, for R=1 and R=4 with strategy 'auto' (what users get) and, for con
                                   after another. 1.0 = the same cost per seed; never worse.
   r4_seed_speed_over_r1           how fast ONE seed progresses at R=4 vs R=1 (batch / step_s);
                                   ~1/R on a saturated CPU, near 1 only on an idle accelerator
+  r1_fraction_of_peak             the issue's target (>= 0.55): R=1 step GFLOP/s / matmul peak
+  r1_over_r1_xla_convolutions     informative: R=1 throughput over the same step traced with
+                                  plain XLA convolutions (`convolution.xla_convolutions()`,
+                                  what card_jax ran before the CPU im2col convolutions)
 
 Variants are timed round-robin (R=1, R=4, ..., matmul peak, then reversed) so that load from
 other processes on a shared machine hits all of them alike; ratios also come as the median of
@@ -54,6 +58,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from card_jax import config_util, flops, train  # noqa: E402
+from card_jax.models import convolution  # noqa: E402
 
 log = logging.getLogger("card_jax.benchmarks.train_step")
 
@@ -122,8 +127,15 @@ class Variant:
 
 
 def prepare(name: str, model: str, width: float, realizations: int, strategy: str,
-            args: argparse.Namespace) -> Variant:
-    """Builds, FLOP-counts, compiles and warms up one variant."""
+            args: argparse.Namespace, xla_convolutions: bool = False) -> Variant:
+    """Builds, FLOP-counts, compiles and warms up one variant.
+
+    `xla_convolutions`: trace the step with plain XLA convolutions (what card_jax did before
+    `card_jax.models.convolution`), for an in-process comparison.
+    """
+    if xla_convolutions:
+        with convolution.xla_convolutions():
+            return prepare(name, model, width, realizations, strategy, args)
     config = make_config(model, width, realizations, strategy, args.batch_size, args.train_size)
     exp = train.build_experiment(config)
     compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
@@ -180,7 +192,11 @@ def bench_model(model: str, args: argparse.Namespace, peak_sample) -> tuple[dict
         plan.append(("r8", 8, "auto"))
     if model == "conv4" and args.vmap:
         plan.append(("r4_vmap", 4, "vmap"))
-    variants = {name: prepare(name, model, args.width, r, s, args) for name, r, s in plan}
+    if args.compare_xla:
+        plan.append(("r1_xla_convolutions", 1, "auto"))
+    variants = {name: prepare(name, model, args.width, r, s, args,
+                              xla_convolutions=name.endswith("_xla_convolutions"))
+                for name, r, s in plan}
 
     def best_peak() -> float:
         return max(peak_sample() for _ in range(args.matmul_samples))
@@ -215,6 +231,11 @@ def bench_model(model: str, args: argparse.Namespace, peak_sample) -> tuple[dict
                       "best fp32 matmul GFLOP/s of this model's rounds",
         "target": TARGET_DENSE_FRACTION_OF_PEAK, "comparison": ">=",
         "met": bool(runs["r1"]["fraction_of_peak"] >= TARGET_DENSE_FRACTION_OF_PEAK)}
+    if "r1_xla_convolutions" in samples:
+        result["r1_over_r1_xla_convolutions"] = ratio_entry(
+            samples["r1_xla_convolutions"], samples["r1"], 1.0,
+            "(batch / step_s at R=1) / (the same with plain XLA convolutions, as before "
+            "card_jax.models.convolution): its speed-up, informative")
     if "r4_vmap" in samples:
         result["r4_vmap_over_r1"] = ratio_entry(
             samples["r1"], samples["r4_vmap"], 4.0,
@@ -247,11 +268,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time conv4 at R=4 with strategy 'vmap' (default: on, off with "
                         "--quick: on XLA:CPU its grouped convolutions make it the slowest "
                         "variant by far, ~30 s of a full-width quick run)")
+    p.add_argument("--compare-xla", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time R=1 with plain XLA convolutions (default: on, off with "
+                        "--quick)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"models": "conv4" if quick else "conv4,conv8", "reps": 2 if quick else 7,
                 "steps_per_rep": 1 if quick else 3, "warmup": 0 if quick else 2,
-                "matmul_samples": 2 if quick else 3, "vmap": not quick, "r8": not quick}
+                "matmul_samples": 2 if quick else 3, "vmap": not quick, "r8": not quick,
+                "compare_xla": not quick}
     common.fill_defaults(args, defaults)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args

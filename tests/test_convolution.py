@@ -25,14 +25,14 @@ def _ours(x, w, strides, padding):
 
 
 CASES = [
-    # batch, size, C, O, kernel, stride, padding
-    (4, 8, 3, 5, 3, 1, "SAME"),
-    (3, 9, 4, 7, 3, 2, ((1, 1), (1, 1))),  # odd batch, odd size, strided
-    (4, 8, 4, 6, 1, 2, "VALID"),  # ResNet's projection shortcut
-    (2, 7, 3, 4, 3, 1, "VALID"),
-    (1, 6, 2, 3, 3, 1, ((2, 0), (0, 1))),  # batch 1, asymmetric padding
-    (5, 6, 80, 8, 3, 1, "SAME"),  # more input channels than IM2COL_MAX_IN_CHANNELS
-    (2, 6, 8, 80, 3, 1, "SAME"),  # input gradient through XLA (O > the limit)
+    # batch, size, C, O, kernel, stride, padding: which passes take im2col (im2col_passes)
+    (4, 8, 64, 40, 3, 1, "SAME"),  # all three
+    (3, 9, 64, 8, 3, 2, ((1, 1), (1, 1))),  # strided (weight gradient only), odd batch/size
+    (4, 8, 64, 6, 1, 2, "VALID"),  # ResNet's projection shortcut
+    (2, 7, 40, 36, 3, 1, "VALID"),  # forward and input gradient, XLA's weight gradient
+    (1, 6, 64, 64, 3, 1, ((2, 0), (0, 1))),  # batch 1, asymmetric padding
+    (5, 6, 80, 8, 3, 1, "SAME"),  # weight gradient only
+    (2, 6, 8, 48, 3, 1, "SAME"),  # input gradient only
 ]
 
 
@@ -82,6 +82,14 @@ def test_chunking_does_not_change_results(chunk_bytes):
         vjp(g)[0], rtol=1e-5, atol=1e-4)
 
 
+def test_im2col_passes_follow_the_channel_rules():
+    assert convolution.im2col_passes(64, 64, (1, 1)) == (True, True, True)
+    assert convolution.im2col_passes(128, 128, (1, 1)) == (False, False, True)
+    assert convolution.im2col_passes(64, 128, (2, 2)) == (False, False, True)
+    assert convolution.im2col_passes(32, 64, (1, 1)) == (False, True, False)
+    assert convolution.im2col_passes(3, 16, (1, 1)) == (False, False, False)
+
+
 def test_chunk_images():
     # 2.25 MB per image (32x32x64 patches): two images although that is over the budget.
     assert convolution.chunk_images(128, 9 * 64 * 1024 * 4) == 2
@@ -92,8 +100,8 @@ def test_chunk_images():
 
 
 def test_bfloat16_matches_xla_within_bf16_precision():
-    x = jax.random.normal(jax.random.key(4), (4, 8, 8, 16)).astype(jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(5), (3, 3, 16, 8)).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(4), (4, 8, 8, 64)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(5), (3, 3, 64, 40)).astype(jnp.bfloat16)
     want, xla_vjp = jax.vjp(lambda x, w: _xla(x, w, (1, 1), "SAME"), x, w)
     got, our_vjp = jax.vjp(lambda x, w: _ours(x, w, (1, 1), "SAME"), x, w)
     assert got.dtype == jnp.bfloat16
@@ -107,8 +115,8 @@ def test_bfloat16_matches_xla_within_bf16_precision():
 
 def test_vmap_over_kernels_matches_per_kernel():
     """Realizations under `train.strategy=vmap` batch the kernel and the input."""
-    x = jax.random.normal(jax.random.key(6), (3, 2, 6, 6, 4))
-    w = jax.random.normal(jax.random.key(7), (3, 3, 3, 4, 5))
+    x = jax.random.normal(jax.random.key(6), (3, 2, 6, 6, 64))
+    w = jax.random.normal(jax.random.key(7), (3, 3, 3, 64, 40))
 
     def loss(x, w):
         return jnp.sum(_ours(x, w, (1, 1), "SAME") ** 2)
@@ -121,24 +129,48 @@ def test_vmap_over_kernels_matches_per_kernel():
             np.testing.assert_allclose(got[r], ref, rtol=1e-5, atol=1e-3)
 
 
-def test_unsupported_arguments_are_plain_lax():
-    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 4))
-    w = jax.random.normal(jax.random.key(9), (3, 3, 2, 6))
+@pytest.mark.parametrize("c,kernel_shape,kwargs", [
+    (64, (3, 3, 32, 64), dict(feature_group_count=2)),  # 64 channels, but grouped
+    (64, (3, 3, 64, 64), dict(rhs_dilation=(2, 2))),  # dilated
+    (4, (3, 3, 4, 6), {}),  # too narrow for any im2col pass
+])
+def test_other_convolutions_are_plain_lax(c, kernel_shape, kwargs):
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, c))
+    w = jax.random.normal(jax.random.key(9), kernel_shape)
     dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-    for kwargs in [dict(feature_group_count=2), dict(rhs_dilation=(2, 2), feature_group_count=2)]:
+
+    def ours(x, w):
+        return convolution.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                                **kwargs)
+
+    jaxpr = jax.make_jaxpr(ours)(x, w)
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["conv_general_dilated"]
+    np.testing.assert_array_equal(
+        ours(x, w), lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs))
+
+
+def test_xla_convolutions_context_traces_plain_lax():
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 64))
+    w = jax.random.normal(jax.random.key(9), (3, 3, 64, 64))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+    def names(x, w):
         jaxpr = jax.make_jaxpr(lambda x, w: convolution.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs))(x, w)
-        assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["conv_general_dilated"]
-        np.testing.assert_array_equal(
-            convolution.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs),
-            lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, **kwargs))
+            x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w)
+        return [e.primitive.name for e in jaxpr.jaxpr.eqns]
+
+    assert names(x, w) == ["custom_vjp_call"]
+    with convolution.xla_convolutions():
+        assert names(x, w) == ["conv_general_dilated"]
+    assert names(x, w) == ["custom_vjp_call"]
 
 
 @pytest.mark.parametrize("build", [
+    # Full width: 64 and 128 channels, so every kind of pass takes im2col somewhere.
     lambda rngs: conv4(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
-                       width=0.25, image_size=16, rngs=rngs),
+                       width=1.0, image_size=8, rngs=rngs),
     lambda rngs: resnet18(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
-                          width=8, rngs=rngs),
+                          width=16, rngs=rngs),
 ])
 def test_models_match_plain_lax_convolutions(build):
     """The same model with every nnx.Conv switched back to lax gives the same loss/grads."""
@@ -151,7 +183,7 @@ def test_models_match_plain_lax_convolutions(build):
             module.conv_general_dilated = lax.conv_general_dilated
             n += 1
     assert n > 0
-    x = jax.random.uniform(jax.random.key(10), (4, 16, 16, 3))
+    x = jax.random.uniform(jax.random.key(10), (4, 8, 8, 3))
     y = jnp.arange(4) % 10
 
     def loss_and_grad(model):

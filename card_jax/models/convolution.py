@@ -6,18 +6,21 @@ XLA's convolution (cuDNN on GPU) in all three passes: the CPU choices below sit 
 ``[B, H, W, C]`` with an HWIO kernel ``[kh, kw, C, O]`` into ``[B, Ho, Wo, O]`` become
 im2col matrix products taken a few images at a time:
 
-* the weight gradient (always; the largest single cost of a training step):
+* the weight gradient (the largest single cost of a full-width training step):
 
       dW[i, j, c, o] = sum_{b, y, x} x_pad[b, s*y + i, s*x + j, c] * g[b, y, x, o]
 
   for each chunk of ``k`` images the patch matrix ``[k * Ho * Wo, kh * kw * C]`` is built
   in cache and multiplied with the chunk's cotangent ``[k * Ho * Wo, O]``, accumulated in
-  float32 under a ``lax.scan``;
-* the forward pass, when ``C <= IM2COL_MAX_IN_CHANNELS`` and the stride is 1:
+  float32 under a ``lax.scan``, from ``C >= IM2COL_WEIGHT_GRAD_MIN_CHANNELS`` channels;
+* the forward pass, when ``C`` is in ``IM2COL_FORWARD_CHANNELS`` and the stride is 1:
   ``patches @ W`` per chunk under ``lax.map``;
 * the input gradient of a stride-1 convolution, which is the forward operation applied to
   the cotangent with the flipped, in/out-swapped kernel (same channel rule, on ``O``).
   Strided input gradients stay XLA's transposed convolutions.
+
+The channel rules come from per-layer measurements (`IM2COL_FORWARD_CHANNELS`); a
+convolution that none of them takes is plain ``lax.conv_general_dilated``.
 
 Why (benchmarks/README.md, issue 7): XLA:CPU runs these convolutions as Eigen spatial
 convolutions; on the 2-core AVX-512 machine, batch 128, a 32x32 64->64 layer took 137 ms
@@ -37,8 +40,9 @@ forward-mode derivatives through a network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -52,16 +56,50 @@ from jax import lax
 # once (302 MB for 32x32x64) 2x slower: writing it is bound by memory bandwidth.
 CHUNK_BYTES = 5 << 19  # 2.5 MB
 
-# On CPU the forward convolution (and a stride-1 input gradient, the same operation on the
-# cotangent) also goes through im2col when its input has at most this many channels. Batch
-# 128, ms, XLA vs im2col in chunks: 32x32 3->64 25 vs 17-19; 32x32 64->64 137 vs 93-112;
-# 16x16 64->128 46 vs 32-42; but 16x16 128->128 48 (200 GFLOP/s, XLA at its best) vs 59-84.
-IM2COL_MAX_IN_CHANNELS = 64
+# Which passes go through im2col on CPU, by channel count (`im2col_passes`). Measured on
+# the 2-core machine at batch 128, im2col time / XLA time, 2 threads (1 thread):
+#
+#   layer              forward      input grad   weight grad
+#   32x32  16 ->  16   2.35 (1.07)  1.41 (1.08)  0.98 (2.09)
+#   16x16  32 ->  32   0.92 (1.50)  0.91 (1.49)  0.75 (1.30)
+#   32x32  32 ->  32   0.71 (0.96)  0.84 (0.94)  0.86 (0.92)
+#   32x32  64 ->  64   0.57 (1.13)  0.58 (1.12)  0.48 (0.77)
+#   16x16  64 -> 128   0.72 (1.16)  0.70 (1.17)  0.25 (0.44)
+#   16x16 128 -> 128   1.10 (1.12)  0.96 (1.16)  0.36 (0.58)
+#    8x8  128 -> 256   1.13 (1.05)  1.13 (1.03)  0.71 (0.64)
+#    8x8  256 -> 256   1.13 (1.08)  1.00 (1.08)  0.99 (0.69)
+#
+# The weight gradient wins from 64 input channels in both settings; the forward pass (and
+# the stride-1 input gradient, the same operation on the cotangent) only for 33-64 channels
+# (its input's) and only with both threads. Narrower layers (the quarter-width models, every
+# first layer) keep XLA in all three passes: `conv_general_dilated` then is exactly
+# `lax.conv_general_dilated`, the same program as before this module.
+IM2COL_WEIGHT_GRAD_MIN_CHANNELS = 64
+IM2COL_FORWARD_CHANNELS = range(33, 65)
 MIN_CHUNK_IMAGES = 2
 
 # Flax's dimension numbers for a 2-D NHWC input and an HWIO kernel (what `nnx.Conv` passes).
 _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                       out_spec=(0, 3, 1, 2))
+
+
+_xla_only_depth = 0  # > 0 inside `xla_convolutions()`
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within it, :func:`conv_general_dilated` traces to plain ``lax.conv_general_dilated``.
+
+    What every convolution was before this module: benchmarks build one step inside it and
+    time it against the default in the same process. It acts at TRACE time, so the step must
+    be traced (first called, or lowered) inside the block.
+    """
+    global _xla_only_depth
+    _xla_only_depth += 1
+    try:
+        yield
+    finally:
+        _xla_only_depth -= 1
 
 
 def conv_general_dilated(
@@ -90,7 +128,7 @@ def conv_general_dilated(
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type, **kwargs)
-    if (lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
+    if (_xla_only_depth or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
             or preferred_element_type is not None or any(v is not None for v in kwargs.values())
             or not _all_ones(lhs_dilation) or not _all_ones(rhs_dilation)
             or not _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape)):
@@ -101,9 +139,20 @@ def conv_general_dilated(
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if any(p < 0 for pair in pads for p in pair):
+    if any(p < 0 for pair in pads for p in pair) or not any(
+            im2col_passes(lhs.shape[-1], rhs.shape[-1], strides)):
         return plain()
     return conv2d(lhs, rhs, strides, pads, precision)
+
+
+def im2col_passes(in_channels: int, out_channels: int,
+                  strides: tuple[int, int]) -> tuple[bool, bool, bool]:
+    """Whether the (forward, input gradient, weight gradient) of a convolution use im2col on
+    CPU (see the table above `IM2COL_WEIGHT_GRAD_MIN_CHANNELS`)."""
+    unit = tuple(strides) == (1, 1)
+    return (unit and in_channels in IM2COL_FORWARD_CHANNELS,
+            unit and out_channels in IM2COL_FORWARD_CHANNELS,
+            in_channels >= IM2COL_WEIGHT_GRAD_MIN_CHANNELS)
 
 
 def _all_ones(dilation: Sequence[int] | None) -> bool:
@@ -135,8 +184,9 @@ def _xla_conv(x, w, strides, pads, precision):
 
 
 def _forward(x, w, strides, pads, precision):
-    """XLA's convolution, or on CPU im2col products where those measured faster."""
-    if x.shape[-1] > IM2COL_MAX_IN_CHANNELS or strides != (1, 1):
+    """XLA's convolution, or on CPU im2col products where those measured faster (the first
+    of `im2col_passes`; the input gradient calls it on the cotangent)."""
+    if not im2col_passes(x.shape[-1], w.shape[-1], strides)[0]:
         return _xla_conv(x, w, strides, pads, precision)
     return lax.platform_dependent(
         x, w,
@@ -165,6 +215,8 @@ def _conv2d_bwd(strides, pads, precision, residuals, g):
         _, weight_vjp = jax.vjp(lambda w_: _xla_conv(x, w_, strides, pads, precision), w)
         return weight_vjp(g)[0]
 
+    if not im2col_passes(*w.shape[2:], strides)[2]:
+        return dx, xla_weight_grad(x, g)
     dw = lax.platform_dependent(
         x, g,
         cpu=functools.partial(weight_grad_im2col, kernel_shape=w.shape, strides=strides,
