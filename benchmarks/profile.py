@@ -259,7 +259,8 @@ def make_pieces(setup: Setup, args) -> dict[str, Piece]:
     # first call would build, donation included), so the cost analysis needs no 2nd compile.
     step_flops = flops.count_flops(setup.compiled.train, setup.state, setup.images,
                                    setup.labels)
-    step_c = setup.compiled.train.lower(setup.state, setup.images, setup.labels).compile()
+    step_c = setup.compiled.jitted_train.lower(setup.state, setup.images,
+                                               setup.labels).compile()
     pieces["full_step"] = cal("full_step", step_runner(setup, step_c),
                               {**xla_cost(step_c), "flops": step_flops})
     return pieces

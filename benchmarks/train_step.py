@@ -113,13 +113,16 @@ class Variant:
     labels: jax.Array
     flops_per_step: int
     first_call_s: float
+    step: int = 0  # the state's step counter, passed as the training loop does
 
     def run(self, steps: int) -> float:
         """Seconds per step over `steps` consecutive steps (state threaded, as in training)."""
         def go():
             for _ in range(steps):
                 # The step donates its state: keep only the new one.
-                self.state, metrics = self.compiled.train(self.state, self.images, self.labels)
+                self.state, metrics = self.compiled.train(self.state, self.images, self.labels,
+                                                          step=self.step)
+                self.step += 1
             return self.state, metrics
 
         seconds, _ = common.timed(go)

@@ -133,10 +133,14 @@ def make_train_step_parts(
         augment_fn = augment.AUGMENTATIONS[spec.augment]
         jsd_loss, jsd_weight = augment.jsd_loss, augment.JSD_WEIGHT
 
-    def batch(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
+    def batch(st: state_lib.TrainState, images: jax.Array, labels: jax.Array,
+              order: pipeline.EpochOrder | None = None):
+        # A precomputed epoch order is used only if it is this realization's (same seed).
+        known = None if order is None else (
+            jnp.where(order[1] == st.seed, order[0], jnp.int32(-1)), order[2])
         idx = pipeline.batch_indices(
             pipeline.order_key(spec.data_seed, st.seed), st.step, spec.num_examples,
-            spec.batch_size,
+            spec.batch_size, known,
         )
         seed_key = jax.random.key(st.seed)
         aug_key = jax.random.fold_in(
@@ -204,12 +208,15 @@ def make_train_step(
     The optimizer updates `method.trainable` (params, or the scores of EP/BP). After the
     update the method's per-step hook runs, then `post_update` re-applies its mask, so pruned
     weights are exactly zero after every step (SPEC §4(d)).
+    `order`: optional `pipeline.EpochOrder` of this realization for the step's epoch (see
+    `pipeline.batch_indices`); the batch is the same with or without it.
     Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
     """
     parts = make_train_step_parts(graphdef, method, tx, lr_fn, spec, constrain_batch, dtype)
 
-    def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array):
-        x, y = parts.batch(st, images, labels)
+    def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array,
+                   order: pipeline.EpochOrder | None = None):
+        x, y = parts.batch(st, images, labels, order)
         trainable = get_trainable(method, st.params, st.method_state)
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(parts.loss, has_aux=True)(
             trainable, st, x, y)
@@ -268,6 +275,8 @@ def expected_calibration_error(bin_count, bin_conf, bin_correct) -> jax.Array:
     """ECE = sum_b |acc_b - conf_b| * n_b / N over the last axis of the bin sums."""
     total = jnp.maximum(bin_count.sum(-1), 1.0)
     return jnp.abs(bin_correct - bin_conf).sum(-1) / total
+
+
 def make_bn_step(graphdef, method: Method, spec: BatchSpec) -> Callable:
     """Returns `bn_step(state, images, labels, i) -> state` for one realization.
 

@@ -24,7 +24,7 @@ from card_jax import checkpoint as checkpoint_lib
 from card_jax import config_util, models, optim, pruning, realizations, steps
 from card_jax import state as state_lib
 from card_jax import writer as writer_lib
-from card_jax.data import sources
+from card_jax.data import pipeline, sources
 from card_jax.progress import Progress
 
 log = logging.getLogger("card_jax")
@@ -236,6 +236,11 @@ class CompiledSteps:
         train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
                                           constrain, dtype=dtype)
         train_r = realizations.over_realizations(train_one, self.strategy, num_shared=2)
+        ordered_r = realizations.over_realizations(
+            lambda state_and_order, images, labels: train_one(
+                state_and_order[0], images, labels, state_and_order[1]),
+            self.strategy, num_shared=2)
+        self._spec = spec
         if mesh is None:
             device = jax.local_devices()[0]
             one = jax.sharding.SingleDeviceSharding(device)
@@ -246,11 +251,45 @@ class CompiledSteps:
             self.state_sharding = realizations.realization_sharding(mesh, exp.state)
             self.data_sharding = realizations.replicated(mesh)
             metrics_sharding = realizations.realization_sharding(mesh, {"loss": 0, "accuracy": 0})
-        self.train = jax.jit(train_r, donate_argnums=0,
-                             out_shardings=(self.state_sharding, metrics_sharding))
+        # The jitted [R] step `(state, images, labels)` that computes its epoch's batch order
+        # itself: what `train` runs without `step` (for AOT lowering and FLOP counts).
+        self.jitted_train = jax.jit(train_r, donate_argnums=0,
+                                    out_shardings=(self.state_sharding, metrics_sharding))
+        self._train_ordered = jax.jit(
+            lambda state, order, images, labels: ordered_r((state, order), images, labels),
+            donate_argnums=0, out_shardings=(self.state_sharding, metrics_sharding))
+        order_sharding = (self.state_sharding.step, self.state_sharding.seed,
+                          self.state_sharding.seed)
+        self._epoch_order = jax.jit(self._epoch_order_r, out_shardings=order_sharding)
+        self._order: tuple[int, Any] | None = None  # (epoch, its `pipeline.EpochOrder`s)
         self._eval_parts = (exp.graphdef, exp.method, dtype)
         self._evals: dict[int, Callable] = {}
         self.eval = self.eval_step(cfg.eval.batch_size)
+
+    def train(self, state, images, labels, step: int | None = None):
+        """One `[R]` training step: `(state, metrics)`; `state` is donated.
+
+        `step`, when given, must be the step counter of `state` (as in the training loop):
+        each epoch's batch order is then computed once, at its first step, instead of a
+        permutation of the whole training set inside every step. The batches, and so the
+        results, are the same either way (a mismatched order is ignored by the step).
+        """
+        if step is None:
+            return self.jitted_train(state, images, labels)
+        epoch = int(step) // (self._spec.num_examples // self._spec.batch_size)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self._epoch_order(state.seed, jnp.int32(epoch)))
+        return self._train_ordered(state, self._order[1], images, labels)
+
+    def _epoch_order_r(self, seeds: jax.Array, epoch: jax.Array):
+        """`pipeline.EpochOrder` `[R]` of every realization (seeds `[R]`) for `epoch`."""
+        spec = self._spec
+
+        def one(seed):
+            key = pipeline.order_key(spec.data_seed, seed)
+            return epoch, seed, pipeline.epoch_order(key, epoch, spec.num_examples)
+
+        return jax.vmap(one)(seeds)
 
     def eval_step(self, batch_size: int) -> Callable:
         """The jitted `[R]` eval step over `batch_size` examples, compiled on first use.
@@ -373,7 +412,7 @@ def train_level(exp: Experiment, plan: LevelPlan, compiled: CompiledSteps, initi
     ckpt_every = max(cfg.train.checkpoint_every, 1)
     try:
         for step in range(start, plan.end):
-            state, metrics = compiled.train(state, train_x, train_y)
+            state, metrics = compiled.train(state, train_x, train_y, step=step)
             pending.append(metrics)
             done = step + 1
             last = done == plan.end

@@ -27,6 +27,23 @@ def test_order_depends_on_data_seed_and_realization():
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_a_precomputed_epoch_order_gives_the_same_batches():
+    key = pipeline.order_key(0, jnp.int32(2))
+    order_1 = (jnp.int32(1), pipeline.epoch_order(key, jnp.int32(1), 10))
+    for step in range(9):  # epochs 0, 1 and 2 of 3 steps each
+        plain = pipeline.batch_indices(key, jnp.int32(step), 10, 3)
+        # The order of epoch 1 is used in epoch 1 and ignored (recomputed) in the others.
+        with_order = jax.jit(pipeline.batch_indices, static_argnums=(2, 3))(
+            key, jnp.int32(step), 10, 3, order_1)
+        np.testing.assert_array_equal(with_order, plain)
+    # It really is read: a wrong order tagged as epoch 1 changes epoch 1's batches only.
+    fake = (jnp.int32(1), jnp.arange(10)[::-1])
+    np.testing.assert_array_equal(pipeline.batch_indices(key, jnp.int32(3), 10, 3, fake),
+                                  [9, 8, 7])
+    np.testing.assert_array_equal(pipeline.batch_indices(key, jnp.int32(0), 10, 3, fake),
+                                  pipeline.batch_indices(key, jnp.int32(0), 10, 3))
+
+
 def test_to_float_scale():
     x = jnp.array([[[[0], [255]]]], dtype=jnp.uint8)
     np.testing.assert_allclose(pipeline.to_float(x), [[[[0.0], [1.0]]]])

@@ -16,17 +16,42 @@ def order_key(data_seed: int | jax.Array, realization_seed: jax.Array) -> jax.Ar
     return jax.random.fold_in(jax.random.key(data_seed), realization_seed)
 
 
+def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
+    """The order `[N]` in which one realization sees the N examples in epoch `epoch`."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+# (epoch int32 [], realization seed int32 [], its `epoch_order` [N]): an epoch's order
+# computed once and passed to every step of that epoch (`CompiledSteps.train(..., step=)`).
+EpochOrder = tuple[jax.Array, jax.Array, jax.Array]
+
+
 def batch_indices(
-    key: jax.Array, step: jax.Array, num_examples: int, batch_size: int
+    key: jax.Array, step: jax.Array, num_examples: int, batch_size: int,
+    order: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Indices `[B]` of the examples of global step `step`.
 
     Each epoch is a fresh permutation of the N examples drawn from `fold_in(key, epoch)`; the
     last `N mod B` examples of each permutation are dropped, so every batch is full.
+
+    Args:
+      order: optional `(epoch, epoch_order(key, epoch, N))` computed beforehand. Used when
+        its epoch is this step's (the same indices, without the two sorts of N keys that a
+        permutation costs: 25 ms per step for Fashion-MNIST's 60,000 on one CPU core, 17% of
+        the embedded default's step); otherwise the permutation is computed here.
     """
     steps_per_epoch = num_examples // batch_size
     epoch, within = jnp.divmod(step, steps_per_epoch)
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+    def compute():
+        return epoch_order(key, epoch, num_examples)
+
+    if order is None:
+        perm = compute()
+    else:
+        order_epoch, cached = order
+        perm = jax.lax.cond(order_epoch == epoch, lambda: cached, compute)
     return jax.lax.dynamic_slice_in_dim(perm, within * batch_size, batch_size)
 
 
