@@ -1,8 +1,21 @@
 """Test setup: CPU only, 4 fake devices so that sharding code paths run on any machine."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, inherited by the CLI runs the tests start
+# (`helpers.cli_env` copies the environment): many tests train the same smoke configs in
+# separate processes, and compiling their steps dominates the suite's time on 2 CPUs. A fresh
+# directory per session, so nothing carries over between runs (as `launch.sweep` does for a
+# sweep); a cache the caller set is kept.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _cache = tempfile.mkdtemp(prefix="card_jax_test_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
