@@ -128,8 +128,9 @@ def conv_general_dilated(
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type, **kwargs)
-    if (_xla_only_depth or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
-            or preferred_element_type is not None or any(v is not None for v in kwargs.values())
+    if (_xla_only_depth or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1
+            or batch_group_count != 1 or preferred_element_type is not None
+            or any(v is not None for v in kwargs.values())
             or not _all_ones(lhs_dilation) or not _all_ones(rhs_dilation)
             or not _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape)):
         return plain()
@@ -262,17 +263,29 @@ def conv_im2col(x: jax.Array, w: jax.Array, *, strides: tuple[int, int],
     images (``lax.map``), ``patches [k * Ho * Wo, kh * kw * C] @ w [kh * kw * C, O]``.
     """
     kh, kw, c, o = w.shape
-    b, h, w_px = x.shape[:3]
-    ho, wo = _output_size((h, w_px), (kh, kw), strides, pads)
-    k = chunk_images(b, ho * wo * kh * kw * c * x.dtype.itemsize, chunk_bytes)
+    b = x.shape[0]
+    ho, wo = _output_size(x.shape[1:3], (kh, kw), strides, pads)
+    chunks, patches_of = _chunked_patches(x, w.shape, (ho, wo), strides, pads, chunk_bytes)
     w_matrix = w.reshape(kh * kw * c, o)
 
     def chunk_output(x_chunk):
-        patches = image_patches(_pad(x_chunk, pads), (kh, kw), (ho, wo), strides)
-        return jnp.dot(patches, w_matrix, precision=precision).reshape(k, ho, wo, o)
+        return jnp.dot(patches_of(x_chunk), w_matrix, precision=precision).reshape(
+            x_chunk.shape[0], ho, wo, o)
 
-    y = lax.map(chunk_output, x.reshape(b // k, k, *x.shape[1:]))
-    return y.reshape(b, ho, wo, o)
+    return lax.map(chunk_output, chunks).reshape(b, ho, wo, o)
+
+
+def _chunked_patches(x, kernel_shape, out_hw, strides, pads, chunk_bytes):
+    """`x` `[B, H, W, C]` split into `[B / k, k, H, W, C]` chunks (`chunk_images`), and the
+    function mapping one chunk to its padded im2col patches `[k * Ho * Wo, kh * kw * C]`."""
+    kh, kw, c, _ = kernel_shape
+    b = x.shape[0]
+    k = chunk_images(b, out_hw[0] * out_hw[1] * kh * kw * c * x.dtype.itemsize, chunk_bytes)
+
+    def patches_of(x_chunk):
+        return image_patches(_pad(x_chunk, pads), (kh, kw), out_hw, strides)
+
+    return x.reshape(b // k, k, *x.shape[1:]), patches_of
 
 
 def _output_size(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
@@ -301,15 +314,13 @@ def weight_grad_im2col(x: jax.Array, g: jax.Array, *, kernel_shape: tuple[int, .
       ``[kh, kw, C, O]`` in ``x``'s dtype, accumulated in float32.
     """
     kh, kw, c, o = kernel_shape
-    b, ho, wo = g.shape[:3]
-    k = chunk_images(b, ho * wo * kh * kw * c * x.dtype.itemsize, chunk_bytes)
-    xs = x.reshape(b // k, k, *x.shape[1:])
-    gs = g.reshape(b // k, k * ho * wo, o)
+    ho, wo = g.shape[1:3]
+    xs, patches_of = _chunked_patches(x, kernel_shape, (ho, wo), strides, pads, chunk_bytes)
+    gs = g.reshape(xs.shape[0], -1, o)  # [B / k, k * Ho * Wo, O]
 
     def accumulate(total, chunk):
         x_chunk, g_chunk = chunk
-        patches = image_patches(_pad(x_chunk, pads), (kh, kw), (ho, wo), strides)
-        return total + lax.dot_general(patches, g_chunk, (((0,), (0,)), ((), ())),
+        return total + lax.dot_general(patches_of(x_chunk), g_chunk, (((0,), (0,)), ((), ())),
                                        precision=precision,
                                        preferred_element_type=jnp.float32), None
 
