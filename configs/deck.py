@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     config.deck = deck
     ev = ml_collections.ConfigDict()
-    ev.batch_size = 1000                     # images per agnostic/member evaluation call
+    ev.batch_size = 250                      # images per agnostic/member evaluation call
+                                             # (fits the CPU caches: configs/default.py)
     ev.corruption_dir = ""                   # a "-C" folder (CIFAR-10-C layout); '' = clean only
     ev.corruption_examples = -1              # first N images of each cell (-1 = all)
     ev.extra_corruptions = False             # also the 4 extra corruptions

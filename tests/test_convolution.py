@@ -33,6 +33,9 @@ CASES = [
     (1, 6, 64, 64, 3, 1, ((2, 0), (0, 1))),  # batch 1, asymmetric padding
     (5, 6, 80, 8, 3, 1, "SAME"),  # weight gradient only
     (2, 6, 8, 48, 3, 1, "SAME"),  # input gradient only
+    (3, 8, 1, 16, 3, 1, "SAME"),  # tap-sum forward (a grey first layer), XLA's gradients
+    (2, 9, 3, 8, 3, 2, ((1, 1), (1, 1))),  # tap sum, strided (RGB, odd size)
+    (2, 7, 4, 5, 1, 1, "VALID"),  # tap sum, 1x1 kernel
 ]
 
 
@@ -66,6 +69,31 @@ def test_weight_gradient_by_hand():
     np.testing.assert_array_equal(y[0, ..., 0], [[10.0, 10.0], [10.0, 10.0]])
 
 
+def test_tap_sum_by_hand():
+    # One 2x2 grey image, SAME 3x3: every output sums its zero-padded window, scaled per
+    # output channel (ones and twos).
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+    w = jnp.stack([jnp.ones((3, 3, 1)), 2 * jnp.ones((3, 3, 1))], axis=-1)
+    y = convolution.conv_tap_sum(x, w, strides=(1, 1), pads=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(y[0, ..., 0], [[10.0, 10.0], [10.0, 10.0]])
+    np.testing.assert_array_equal(y[0, ..., 1], [[20.0, 20.0], [20.0, 20.0]])
+    # Only the centre tap, stride 2 on a 3x3 image: the corners, times 3.
+    x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    w = jnp.zeros((3, 3, 1, 1)).at[1, 1, 0, 0].set(3.0)
+    y = convolution.conv_tap_sum(x, w, strides=(2, 2), pads=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(y[0, ..., 0], [[0.0, 6.0], [18.0, 24.0]])
+
+
+def test_tap_sum_layer_keeps_xla_gradients_exactly():
+    """A first layer's forward is the tap sum; its weight gradient is XLA's, bit for bit."""
+    x = jax.random.uniform(jax.random.key(11), (4, 8, 8, 1))
+    w = jax.random.normal(jax.random.key(12), (3, 3, 1, 16))
+    g = jax.random.normal(jax.random.key(13), (4, 8, 8, 16))
+    _, ours = jax.vjp(lambda w: _ours(x, w, (1, 1), "SAME"), w)
+    _, xla = jax.vjp(lambda w: _xla(x, w, (1, 1), "SAME"), w)
+    np.testing.assert_array_equal(jax.jit(ours)(g)[0], jax.jit(xla)(g)[0])
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 600, 10**9])
 def test_chunking_does_not_change_results(chunk_bytes):
     x = jax.random.normal(jax.random.key(1), (6, 5, 5, 3))
@@ -88,6 +116,7 @@ def test_im2col_passes_follow_the_channel_rules():
     assert convolution.im2col_passes(64, 128, (2, 2)) == (False, False, True)
     assert convolution.im2col_passes(32, 64, (1, 1)) == (False, True, False)
     assert convolution.im2col_passes(3, 16, (1, 1)) == (False, False, False)
+    assert [convolution.uses_tap_sum(c) for c in (1, 3, 4, 5, 16)] == [True] * 3 + [False] * 2
 
 
 def test_chunk_images():
@@ -132,7 +161,7 @@ def test_vmap_over_kernels_matches_per_kernel():
 @pytest.mark.parametrize("c,kernel_shape,kwargs", [
     (64, (3, 3, 32, 64), dict(feature_group_count=2)),  # 64 channels, but grouped
     (64, (3, 3, 64, 64), dict(rhs_dilation=(2, 2))),  # dilated
-    (4, (3, 3, 4, 6), {}),  # too narrow for any im2col pass
+    (8, (3, 3, 8, 6), {}),  # too narrow for any im2col pass, too wide for the tap sum
 ])
 def test_other_convolutions_are_plain_lax(c, kernel_shape, kwargs):
     x = jax.random.normal(jax.random.key(8), (2, 8, 8, c))

@@ -314,3 +314,41 @@ def test_unknown_kwarg_is_named():
     # A kwarg valid for another model is still rejected.
     with pytest.raises(TypeError, match="image_size"):
         _build("resnet18", image_size=32)
+
+
+def test_convnet_pools_before_relu_with_relu_then_pool_values_and_gradients():
+    """Conv-k applies ReLU after its max-pools (cheaper); that must be the paper's
+    conv -> ReLU -> pool exactly: same logits and gradients, bit for bit, also when whole
+    windows are negative or tied (integer-valued inputs and kernels make many ties)."""
+    from card_jax.models import convolution
+    from card_jax.models.layers import max_pool_2x2
+
+    model = build("conv4", num_classes=10, in_channels=1, mean=(0.0,), std=(1.0,),
+                  width=0.125, image_size=8, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rounded = jax.tree.map(lambda p: jnp.round(4 * p) / 4, params)  # many ties
+    x = jnp.round(jax.random.normal(jax.random.key(1), (6, 8, 8, 1)) * 2)
+    y = jnp.arange(6) % 10
+
+    def reference(m, x):  # conv -> ReLU -> pool, as in the paper's Conv-k
+        for i, conv in enumerate(m.convs):
+            x = jax.nn.relu(conv(x))
+            if i % 2 == 1:
+                x = max_pool_2x2(x)
+        x = x.reshape(x.shape[0], -1)
+        for linear in m.linears[:-1]:
+            x = jax.nn.relu(linear(x))
+        return m.linears[-1](x)
+
+    def loss(params, forward):
+        logits = forward(nnx.merge(graphdef, params), x)
+        return jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)), logits
+
+    with convolution.xla_convolutions():  # the same convolutions in both
+        (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(
+            rounded, lambda m, x: m(x, train=True))
+        (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(rounded, reference)
+    np.testing.assert_array_equal(got, want)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_array_equal(a, b)
+    assert any(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g_got))
