@@ -192,4 +192,7 @@ def _batches(images: np.ndarray, size: int):
 
 
 if __name__ == "__main__":
+    from card_jax import malloc
+
+    malloc.reexec_if_untuned()  # XLA:CPU buffers without page faults (card_jax/malloc.py)
     main()

@@ -328,4 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from card_jax import malloc
+
+    malloc.reexec_if_untuned()  # XLA:CPU buffers without page faults (card_jax/malloc.py)
     main()

@@ -270,4 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from card_jax import malloc
+
+    malloc.reexec_if_untuned()  # XLA:CPU buffers without page faults (card_jax/malloc.py)
     sys.exit(main())

@@ -115,5 +115,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from card_jax import malloc
+
+    malloc.reexec_if_untuned()  # XLA:CPU buffers without page faults (card_jax/malloc.py)
     _define_flags()
     app.run(main)

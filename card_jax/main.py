@@ -100,4 +100,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    from card_jax import malloc
+
+    malloc.reexec_if_untuned()  # XLA:CPU buffers without page faults (card_jax/malloc.py)
     run()

@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 from flax import nnx
 
@@ -112,6 +113,20 @@ class TrainStepParts(NamedTuple):
     update: Callable
 
 
+def _materialized(x: jax.Array, step: jax.Array) -> jax.Array:
+    """`x`, computed once into a buffer of its own on CPU (elsewhere `x` as it is).
+
+    XLA:CPU drops `lax.optimization_barrier` before fusing, so the barrier is the one branch
+    of a `lax.cond` whose predicate it cannot evaluate at compile time (a step counter is
+    never negative): a conditional's result is a buffer, which its consumers read. Only on
+    CPU: a GPU conditional reads its predicate on the host, a sync per step.
+    """
+    def cpu(x, step):
+        return lax.cond(step >= 0, lambda v: v, jnp.zeros_like, x)
+
+    return lax.platform_dependent(x, step, cpu=cpu, default=lambda x, step: x)
+
+
 def make_train_step_parts(
     graphdef,
     method: Method,
@@ -155,6 +170,13 @@ def make_train_step_parts(
         elif augment_fn is not None:
             # After crop/flip, on [0, 1] pixels, before the model's normalisation (SPEC §8).
             x = augment_fn(jax.random.fold_in(aug_key, 1), x)
+        if augment_fn is not None:
+            # Materialize the augmented batch once. Otherwise XLA fuses the augmentation (the
+            # Gaussian noise's random bits and inverse erf) into each consumer of the first
+            # layer's input (every tap of its convolution, its weight gradient) and recomputes
+            # it there: a Gaussian step of the embedded model cost 30-35 ms more than a plain
+            # one (R = 2, one core), now the same.
+            x = _materialized(x, st.step)
         return constrain_batch(x), labels[idx]
 
     def loss_fn(trainable, st: state_lib.TrainState, x: jax.Array, y: jax.Array):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from card_jax import malloc
 from launch import jobs as jobs_lib
 from launch.jobs import Job
 
@@ -65,6 +66,8 @@ class LocalBackend:
     def _job_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
+        # card_jax's entry points would re-execute themselves to get these (card_jax/malloc.py).
+        env = malloc.tuned_environ(env)
         if self.threads < len(self.cpus):
             # The pinning (`_slot_cpus`) is what bounds XLA's pools; without Eigen's own pool a
             # job does not oversubscribe its K CPUs. (An `intra_op_parallelism_threads=K`

@@ -5,6 +5,13 @@ import os
 import shutil
 import tempfile
 
+from card_jax import malloc
+
+# The CLI runs the tests start get the glibc malloc tunables that spare XLA:CPU a page fault
+# per 4 kB of every step's buffers (card_jax/malloc.py) without re-executing themselves.
+# pytest itself is not restarted: its output capture already holds stdout/stderr here.
+os.environ.update(malloc.tuned_environ(os.environ))
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, inherited by the CLI runs the tests start
 # (`helpers.cli_env` copies the environment): many tests train the same smoke configs in

@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -178,3 +179,14 @@ def test_epoch_orders_passed_by_the_loop_give_the_same_training():
     np.testing.assert_array_equal(np.stack(losses_a), np.stack(losses_b))
     for a, b in zip(params_a, params_b):
         np.testing.assert_array_equal(a, b)
+
+
+def test_augmented_batch_is_materialized_once_and_unchanged():
+    """steps._materialized is the identity, computed on CPU into its own buffer (a
+    conditional), so XLA does not recompute an augmentation inside each consumer."""
+    from card_jax import steps
+
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    f = jax.jit(lambda x, step: steps._materialized(jnp.tanh(x), step) * 2.0)
+    np.testing.assert_array_equal(f(x, jnp.int32(3)), jnp.tanh(x) * 2.0)
+    assert "conditional(" in f.lower(x, jnp.int32(3)).compile().as_text()
