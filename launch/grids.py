@@ -162,10 +162,10 @@ class EmbeddedKnobs:
 
     Training dominates: dense, gmp, ep, bp train `epochs` once, ft 1.25 times, lth, lrr and
     both CARDs (lrr by default) `1 + lth_levels` times. Measured with these defaults on a quiet
-    2-core machine, two jobs side by side on one CPU each (~3 steps/s of R=2 per job): 15:11
-    in all; a one-training run 2:07-2:13 (~1:20 training, ~0:40 evaluating the clean set and
-    95 "-C" cells of 500 images), a two-training run (lth, lrr, CARDs) 3:20-3:55, the deck
-    2:12, each heat map job 0:40, the "-C" set 0:16, the report 1 s.
+    2-core machine, two jobs side by side on one CPU each (~4.1 steps/s of R=2 per job): 11:46
+    in all; a one-training run 1:30-1:57 (~1:00 training, ~0:30 evaluating the clean set and
+    95 "-C" cells of 500 images), a two-training run (lth, lrr, CARDs) 2:33-2:48, the deck
+    1:48, each heat map job 0:29-0:33, the "-C" set 0:19, the report 1 s.
     """
 
     # The base config of every run; CARDs use its `:augmix` / `:gaussian` variants.
