@@ -20,7 +20,7 @@ im2col matrix products taken a few images at a time:
   Strided input gradients stay XLA's transposed convolutions.
 
 The forward pass of a convolution over at most ``TAP_SUM_MAX_CHANNELS`` input channels (a
-first layer on grey or RGB images) is instead a fused sum of shifted, scaled input copies
+first layer on grey images) is instead a fused sum of shifted, scaled input copies
 (:func:`conv_tap_sum`).
 
 The channel rules come from per-layer measurements (`IM2COL_FORWARD_CHANNELS`,
@@ -84,14 +84,17 @@ IM2COL_FORWARD_CHANNELS = range(33, 65)
 MIN_CHUNK_IMAGES = 2
 
 # The forward pass of a convolution with at most this many input channels (a network's
-# first layer: grey or RGB images) is a sum of kh * kw * C shifted, scaled copies of the input
+# first layer on grey images) is a sum of kh * kw * C shifted, scaled copies of the input
 # (`conv_tap_sum`), one fused elementwise loop. XLA:CPU runs these convolutions far below the
 # machine's speed (a 1 -> 16 channel 3x3 layer on 32x32 images at 5 GFLOP/s). Measured at
-# 32x32, tap sum / XLA time, 1 thread (2 threads): 1 -> 16 channels 0.07 (0.09) at batch 128,
-# 0.36 (0.54) at batch 1000; 3 -> 16 0.24 (0.26); 3 -> 64 0.97 (0.54); 1 -> 64 0.85 (0.62).
-# Its gradients stay XLA's (the weight gradient of such a layer is cheap; the input
+# 32x32, tap sum / XLA time of the forward alone, 1 thread (2 threads): 1 -> 16 channels 0.07
+# (0.09) at batch 128, 0.36 (0.54) at batch 1000; 1 -> 64 0.85 (0.62); 3 -> 16 0.24 (0.26);
+# 3 -> 64 0.97 (0.54). RGB layers are nevertheless left to XLA: inside a ResNet training step
+# XLA fuses the 27-term sum into each consumer of the layer's output (BatchNorm's statistics,
+# their gradients) and recomputes it there, and the ResNet-50 smoke run took 45-48 s instead of
+# 34-39. Its gradients stay XLA's (the weight gradient of such a layer is cheap; the input
 # gradient of a first layer is not even computed in training).
-TAP_SUM_MAX_CHANNELS = 4
+TAP_SUM_MAX_CHANNELS = 1
 
 # Flax's dimension numbers for a 2-D NHWC input and an HWIO kernel (what `nnx.Conv` passes).
 _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
