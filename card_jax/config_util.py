@@ -164,6 +164,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 # old run resumes), and sweep names leave them out at that value (so an old sweep keeps its names).
 ADDED_KEYS: dict[str, Any] = {
     "train.compute_dtype": "float32",
+    "method.level0_from": "",
 }
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 import card_jax
 from card_jax import checkpoint as checkpoint_lib
-from card_jax import config_util, evaluate, packing, pruning, realizations, steps, train
+from card_jax import config_util, evaluate, level0, packing, pruning, realizations, steps, train
 from card_jax import state as state_lib
 from card_jax import writer as writer_lib
 from card_jax.pruning import masks, memory
@@ -132,6 +132,21 @@ def _prune_all(exp: train.Experiment, host_state, rewind_params, plan: train.Lev
     return realizations.to_host(state_lib.stack(states))
 
 
+def _level0_source(exp: train.Experiment, config) -> pathlib.Path | None:
+    """The checked dense run that stands in for level 0 (`method.level0_from`), or None."""
+    source = config.method.get("level0_from", "")
+    if not source:
+        return None
+    if not exp.method.dense_level0 or len(exp.levels) < 2:
+        raise level0.Level0SourceError(
+            f"method.level0_from is for methods whose level 0 is dense training (ft, lth, lrr); "
+            f"{config.method.name!r} does not have one")
+    path = pathlib.Path(source).resolve()
+    level0.check_source(path, config_util.to_dict(config), config_file=CONFIG_FILE,
+                        results_file=RESULTS_FILE)
+    return path
+
+
 def _recalibrate_batch_norm(exp, compiled, state, data, batches: int):
     """EP/BP option: re-estimate BN running statistics with `batches` train-mode forward
     passes (no gradients) after resetting them; the weights are untouched."""
@@ -187,12 +202,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 "workdir_format_version": card_jax.FORMAT_VERSION,
                 "dataset": train.dataset_info(exp.dataset),
                 "realization_seeds": train.realization_seeds(config)}
-    compiled_by_plan: dict[int, train.CompiledSteps] = {}
+    level0_source = _level0_source(exp, config)
+    compiled_by_plan: dict[tuple, train.CompiledSteps] = {}
 
     def compiled_for(plan):
-        key = id(plan.lr_fn)
+        method = train.level_method(exp, plan)
+        key = (id(plan.lr_fn), method.name)
         if key not in compiled_by_plan:
-            compiled_by_plan[key] = train.CompiledSteps(exp, plan.lr_fn)
+            compiled_by_plan[key] = train.CompiledSteps(exp, plan.lr_fn, method)
         return compiled_by_plan[key]
 
     first = compiled_for(exp.levels[0])
@@ -219,6 +236,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         raise checkpoint_lib.CheckpointError(f"no rewind weights in {rewind_dir}")
                     rewind_params = restored[1]
                 host_state = _prune_all(exp, host_state, rewind_params, plan)
+            elif level0_source is not None:
+                level0.import_final_state(
+                    level_dir(level0_source, 0, 1) / "checkpoints", directory, host_state,
+                    plan.end, exp.method.rewind_step, {**metadata, "level": 0},
+                    keep=config.train.keep_checkpoints)
             ctx = train.LevelContext(directory=directory, writer=writer,
                                      metadata=metadata,
                                      progress_mode=config.train.progress if is_main else "none")
@@ -231,6 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 summary = {"level": plan.index, "clean_acc": [float(a) for a in acc],
                            "sparsity_global": report["sparsity_global"],
                            "num_params": report["num_params"], "wall_time_s": wall}
+                if plan.index == 0 and level0_source is not None:
+                    summary["level0_from"] = str(level0_source)
                 levels_summary.append(summary)
                 if writer:
                     writer.write_scalars(plan.end, {"accuracy": acc}, split="test")
@@ -276,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "binary": exp.method.binary,
         "bn_recalibration_batches": recalibrate,
         "levels": levels_summary,
+        "level0_from": "" if level0_source is None else str(level0_source),
         "strategy": first.strategy,
         "dataset": train.dataset_info(exp.dataset),
         "format_version": card_jax.FORMAT_VERSION,

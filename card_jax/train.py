@@ -220,11 +220,25 @@ def batch_spec(exp: Experiment) -> steps.BatchSpec:
                            cfg.data.crop_padding, cfg.data.flip, cfg.data.augment, cfg.data.jsd)
 
 
+def level_method(exp: Experiment, plan: LevelPlan) -> pruning.Method:
+    """The method whose step trains `plan`.
+
+    Level 0 of FT/LTH/LRR (`Method.dense_level0`) runs the dense step: its all-ones masks
+    change no value, and so level 0 is bit for bit the dense baseline of the same config,
+    which `method.level0_from` may then copy instead of training it again.
+    """
+    if plan.index == 0 and exp.method.dense_level0:
+        return pruning.dense()
+    return exp.method
+
+
 class CompiledSteps:
     """The jitted `[R]` train and eval steps of one level plan, and where inputs live."""
 
-    def __init__(self, exp: Experiment, lr_fn: Callable):
+    def __init__(self, exp: Experiment, lr_fn: Callable, method: pruning.Method | None = None):
+        """`method` (default `exp.method`): the one whose step to compile (`level_method`)."""
         cfg = exp.config
+        method = method or exp.method
         self.strategy = realizations.choose_strategy(cfg.train.strategy)
         self.mesh = (realizations.make_mesh(cfg.train.realizations)
                      if self.strategy == "vmap" else None)
@@ -233,7 +247,7 @@ class CompiledSteps:
             lambda x: jax.lax.with_sharding_constraint(x, realizations.batch_sharding(mesh)))
         spec = batch_spec(exp)
         dtype = cfg.train.compute_dtype
-        train_one = steps.make_train_step(exp.graphdef, exp.method, exp.tx, lr_fn, spec,
+        train_one = steps.make_train_step(exp.graphdef, method, exp.tx, lr_fn, spec,
                                           constrain, dtype=dtype)
         train_r = realizations.over_realizations(train_one, self.strategy, num_shared=2)
         ordered_r = realizations.over_realizations(
@@ -262,7 +276,7 @@ class CompiledSteps:
                           self.state_sharding.seed)
         self._epoch_order = jax.jit(self._epoch_order_r, out_shardings=order_sharding)
         self._order: tuple[int, Any] | None = None  # (epoch, its `pipeline.EpochOrder`s)
-        self._eval_parts = (exp.graphdef, exp.method, dtype)
+        self._eval_parts = (exp.graphdef, method, dtype)
         self._evals: dict[int, Callable] = {}
         self.eval = self.eval_step(cfg.eval.batch_size)
 

@@ -156,6 +156,10 @@ def deck_members(augmix: Job, gaussian: Job, cards: int, realizations: int) -> s
 # ----------------------------------------------------------------------------------------------
 
 
+# Methods whose level 0 is the dense baseline's training (`pruning.Method.dense_level0`).
+LEVEL0_IS_DENSE = ("ft", "lth", "lrr")
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddedKnobs:
     """Every number of the embedded sweep, in one place.
@@ -202,6 +206,9 @@ class EmbeddedKnobs:
     deck_config: str = "configs/deck.py"
     # Appended to every training run's overrides (e.g. ("--config.train.realizations=3",)).
     extra_overrides: tuple[str, ...] = ()
+    # ft/lth/lrr take their level 0 (dense training, bit for bit the dense run) from the dense
+    # run (`method.level0_from`) instead of training it three more times.
+    share_dense_level0: bool = True
 
 
 # The structure of the embedded sweep in seconds per job, for tests: 20-step runs on 2,560
@@ -241,8 +248,12 @@ def embedded(opts: GridOptions, knobs: EmbeddedKnobs | None = None) -> list[Job]
     runs: dict[str, Job] = {}
     for method in ("dense", *k.methods):
         prefix = "{model}-dense" if method == "dense" else f"{{model}}-{method}-{k.sparsity:g}"
-        runs[method] = main_job(opts, "train", prefix, k.config,
-                                method_overrides(method, k.sparsity) + common, [corrupt.name])
+        overrides, deps = method_overrides(method, k.sparsity) + common, [corrupt.name]
+        if method in LEVEL0_IS_DENSE and k.share_dense_level0:
+            # Their level 0 is this very dense training: copy it, do not train it again.
+            overrides.append(f"--config.method.level0_from={runs['dense'].workdir}")
+            deps.append(runs["dense"].name)
+        runs[method] = main_job(opts, "train", prefix, k.config, overrides, deps)
     cards = {}
     for aug in ("augmix", "gaussian"):
         if opts.smoke:  # configs/default.py takes one argument: smoke, augmix or gaussian
@@ -263,11 +274,11 @@ def embedded(opts: GridOptions, knobs: EmbeddedKnobs | None = None) -> list[Job]
         heatmap_job(opts, cards[aug], k.heatmap_eps, k.heatmap_examples, runs["dense"],
                     dense_map)
         for aug in ("augmix", "gaussian")]
-    # Longest first: the scheduler starts ready jobs in list order, so with two jobs side by
-    # side the two-training CARD runs (the deck's inputs) and LTH/LRR do not end up alone on
-    # one core at the end while the other core idles.
-    longest_first = sorted(runs, key=lambda m: m not in ("lth", "lrr"))
-    everything = [corrupt, *cards.values(), *(runs[m] for m in longest_first), deck, *maps]
+    # The scheduler starts ready jobs in list order. The two-training CARD runs (the deck's
+    # inputs) go first, then dense (ft/lth/lrr wait for it), then the longest remaining runs,
+    # so that no long job ends up alone on one core at the end while the other core idles.
+    order = sorted(runs, key=lambda m: (m != "dense", m in LEVEL0_IS_DENSE, m == "ft"))
+    everything = [corrupt, *cards.values(), *(runs[m] for m in order), deck, *maps]
     return everything + [report_job(opts, everything)]
 
 

@@ -44,8 +44,8 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
     by_prefix = {_prefix(j.name): j for j in expanded}
     assert list(by_prefix) == [
         "corrupt-fashion_mnist", "conv4-lrr-0.8-augmix", "conv4-lrr-0.8-gaussian",
-        "conv4-lth-0.8", "conv4-lrr-0.8", "conv4-dense", "conv4-ft-0.8", "conv4-gmp-0.8",
-        "conv4-ep-0.8", "conv4-bp-0.8", "deck-lrr-0.8", "heatmap-conv4-dense",
+        "conv4-dense", "conv4-gmp-0.8", "conv4-ep-0.8", "conv4-bp-0.8", "conv4-lth-0.8",
+        "conv4-lrr-0.8", "conv4-ft-0.8", "deck-lrr-0.8", "heatmap-conv4-dense",
         "heatmap-conv4-lrr-0.8-augmix", "heatmap-conv4-lrr-0.8-gaussian", "report"]
     cdir = root / "fashion_mnist_c"
     corrupt = by_prefix["corrupt-fashion_mnist"]
@@ -55,24 +55,30 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
     common = ("--config.train.epochs=0.5", f"--config.eval.corruption_dir={cdir}",
               "--config.eval.corruption_examples=500", "--config.eval.extra_corruptions=True")
 
-    def run_argv(prefix, spec, *overrides):
+    dense = by_prefix["conv4-dense"]
+
+    def run_argv(prefix, spec, *overrides, deps=(corrupt.name,)):
         job = by_prefix[prefix]
         assert job.workdir == str(root / "runs" / job.name)
         assert job.done == (str(root / "runs" / job.name / "results.json"),)
-        assert job.deps == (corrupt.name,)
+        assert job.deps == deps
         assert job.kind == "train"
         return job.argv == ("-m", "card_jax.main", f"--config={spec}",
                             f"--workdir={job.workdir}", *overrides)
 
     pruned = ("--config.method.sparsity=0.8", "--config.method.scope=global")
+    # ft/lth/lrr copy their level 0 from the dense run, so they wait for it.
+    shared = (f"--config.method.level0_from={dense.workdir}",)
+    after_dense = (corrupt.name, dense.name)
     assert run_argv("conv4-dense", "configs/default.py", "--config.method.name=dense", *common)
     assert run_argv("conv4-ft-0.8", "configs/default.py", "--config.method.name=ft", *pruned,
-                    *common)
+                    *common, *shared, deps=after_dense)
     assert run_argv("conv4-gmp-0.8", "configs/default.py", "--config.method.name=gmp", *pruned,
                     "--config.method.frequency=20", *common)
     for m in ("lth", "lrr"):
         assert run_argv(f"conv4-{m}-0.8", "configs/default.py", f"--config.method.name={m}",
-                        *pruned, "--config.method.levels=1", *common)
+                        *pruned, "--config.method.levels=1", *common, *shared,
+                        deps=after_dense)
     for m in ("ep", "bp"):
         assert run_argv(f"conv4-{m}-0.8", "configs/default.py", f"--config.method.name={m}",
                         *pruned, "--config.method.warmup_epochs=0", *common)
@@ -87,7 +93,6 @@ def test_embedded_grid_has_the_exact_jobs_and_command_lines(tmp_path):
                          f"--workdir={root / 'decks' / deck.name}",
                          f"--config.deck.members={augmix.workdir},{gaussian.workdir}",
                          f"--config.eval.corruption_dir={cdir}")
-    dense = by_prefix["conv4-dense"]
     dense_map = by_prefix["heatmap-conv4-dense"]
     assert dense_map.argv == ("-m", "card_jax.heatmaps", f"--workdir={dense.workdir}",
                               "--eps=4", "--examples=100")

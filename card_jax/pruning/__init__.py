@@ -55,6 +55,8 @@ LOOP_OPTIONS = dict(
     finetune_epochs=-1.0,      # ft: length of the fine-tuning level (-1 = train.epochs / 4)
     finetune_lr=-1.0,          # ft: its constant LR (-1 = optim.lr / 100)
     bn_recalibration_batches=0,  # ep/bp: re-estimate BN statistics on N train batches at the end
+    level0_from="",            # ft/lth/lrr: workdir of a finished dense run of the same config;
+                               # its final state is this run's level 0 (not trained again)
 )
 _UNSET = {"levels": -1, "init": ""}  # option values that mean "the factory's default"
 
@@ -67,7 +69,8 @@ def options_used(name: str) -> set[str]:
     return (accepted & set(METHOD_OPTIONS)) | _LOOP_USES.get(name, set())
 
 
-_LOOP_USES = {"ft": {"finetune_epochs", "finetune_lr"},
+_LOOP_USES = {"ft": {"finetune_epochs", "finetune_lr", "level0_from"},
+              "lth": {"level0_from"}, "lrr": {"level0_from"},
               "ep": {"bn_recalibration_batches"}, "bp": {"bn_recalibration_batches"}}
 
 

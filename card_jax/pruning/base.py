@@ -75,6 +75,8 @@ class Method(NamedTuple):
         >= 1 starts: k for LTH (resume the schedule at the rewind point), 0 for LRR and FT.
       binary: effective prunable weights take one magnitude per layer (EP signed-constant, BP),
         so memory counts 1 bit per surviving weight (SPEC §9).
+      dense_level0: level 0 trains exactly as `dense` does (all-ones masks, no step hook), so a
+        finished dense run of the same config can stand in for it (`method.level0_from`).
     """
 
     name: str
@@ -91,6 +93,7 @@ class Method(NamedTuple):
     rewind_step: int | None = None
     level_start_step: int = 0
     binary: bool = False
+    dense_level0: bool = False
 
 
 def get_trainable(method: Method, params: Params, method_state: MethodState) -> Any:

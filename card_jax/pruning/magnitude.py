@@ -84,7 +84,7 @@ def fine_tuning(
         mask = masks.magnitude_mask(params, sparsity, prunable(params), scope, ms.mask)
         return masks.apply_mask(params, mask), MaskState(mask)
 
-    return _masked_method("ft", prune=prune, levels=2)
+    return _masked_method("ft", prune=prune, levels=2, dense_level0=True)
 
 
 def _imp(name: str, sparsity: float, scope: str, rewind: bool, rewind_step: int,
@@ -112,7 +112,7 @@ def _imp(name: str, sparsity: float, scope: str, rewind: bool, rewind_step: int,
     return _masked_method(
         name, prune=prune, levels=len(targets),
         rewind_step=int(rewind_step) if rewind else None,
-        level_start_step=int(rewind_step) if rewind else 0)
+        level_start_step=int(rewind_step) if rewind else 0, dense_level0=True)
 
 
 def lth(
