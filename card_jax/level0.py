@@ -64,6 +64,16 @@ def check_source(source: pathlib.Path, config: dict, *, config_file: str,
             "(source -> this run):\n  " + "\n  ".join(changes))
 
 
+def source_clean_accuracy(source: pathlib.Path, config: dict, *, config_file: str,
+                          results_file: str) -> list[float] | None:
+    """The source's clean test accuracy `[R]` if it was evaluated as this run would evaluate
+    level 0 (same eval batch size; the state and the eval step are the same), else None."""
+    saved = json.loads((source / config_file).read_text(encoding="utf-8"))
+    if saved.get("eval", {}).get("batch_size") != config["eval"]["batch_size"]:
+        return None
+    return json.loads((source / results_file).read_text(encoding="utf-8"))["clean_acc"]
+
+
 def import_final_state(source_checkpoints: pathlib.Path, directory: pathlib.Path,
                        initial_state: Any, end: int, rewind_step: int | None,
                        metadata: dict, keep: int) -> None:

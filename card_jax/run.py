@@ -248,7 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             wall_total += wall
             host_state = realizations.to_host(state)
             if num_levels > 1:
-                acc = train.evaluate(compiled, state, data[2], data[3], config.eval.batch_size)
+                acc = None
+                if plan.index == 0 and level0_source is not None:  # copied: so is its accuracy
+                    acc = level0.source_clean_accuracy(
+                        level0_source, config_util.to_dict(config), config_file=CONFIG_FILE,
+                        results_file=RESULTS_FILE)
+                if acc is None:
+                    acc = train.evaluate(compiled, state, data[2], data[3],
+                                         config.eval.batch_size)
+                acc = np.asarray(acc)
                 report = compression_report(exp, host_state)
                 summary = {"level": plan.index, "clean_acc": [float(a) for a in acc],
                            "sparsity_global": report["sparsity_global"],

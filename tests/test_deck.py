@@ -272,6 +272,31 @@ def test_adaptive_deck_runs_only_the_chosen_group(random_members, per_example):
         assert deck.forward_batches.tolist() == [1, 1, 1, 1]  # both groups, once each
 
 
+@pytest.mark.parametrize("per_example", [False, True])
+def test_adaptive_from_known_member_softmaxes_equals_adaptive(random_members, per_example):
+    """The evaluation's shortcut: the gated group's mean of softmaxes already computed."""
+    graphdef, params, stats, data = random_members
+    config = config_util.load_config_file(DECK)
+    config.deck.per_example = per_example
+    clean = data.test_images[:32]
+    noisy = np.clip(clean.astype(np.int32) + np.random.RandomState(0).normal(
+        0, 40, clean.shape), 0, 255).astype(np.uint8)
+    feats = [np.asarray(spectral.spectral_feature(x)) for x in (clean, noisy)]
+    refs = np.stack([np.concatenate([f, f.mean(0, keepdims=True)]) for f in feats])
+    groups = {"augmix": [0, 2], "gaussian": [1, 3]}
+    ran = deck_run.Deck(config, [None] * 4, groups, refs, graphdef, params, stats)
+    reused = deck_run.Deck(config, [None] * 4, groups, refs, graphdef, params, stats)
+    valid = np.ones(32, bool)
+    for x in (noisy, clean, np.concatenate([clean[:16], noisy[16:]])):
+        probs, choice = ran.adaptive(x, valid)
+        members = np.asarray(ran.agnostic(x)[1])
+        probs_reused, choice_reused = reused.adaptive_from(members, x, valid)
+        np.testing.assert_array_equal(choice_reused, choice)
+        # Equal up to float rounding: the members ran in another program (batch, K).
+        np.testing.assert_allclose(probs_reused, probs, rtol=0, atol=1e-6)
+    assert reused.forward_batches.tolist() == ran.forward_batches.tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # The deck command end to end
 
@@ -374,7 +399,7 @@ def test_adaptive_deck_evaluates_only_the_chosen_members(deck_cli):
     assert histogram["gaussian_noise"]["gaussian"] >= 8
     assert histogram["brightness"]["augmix"] >= 8
     # Timing-independent evidence: each member ran on exactly its group's gated batches.
-    line = next(s for s in out.stderr.splitlines() if "member forward batches" in s)
+    line = next(s for s in out.stderr.splitlines() if "gate batches served per member" in s)
     counts = json.loads(line.split("evaluation ")[-1])
     per_group = {g: sum(h[g] for h in histogram.values()) for g in ("augmix", "gaussian")}
     assert counts == [per_group["augmix"]] * 2 + [per_group["gaussian"]] * 2
