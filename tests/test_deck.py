@@ -236,8 +236,9 @@ def test_sharded_deck_equals_single_device(random_members):
     np.testing.assert_allclose(np.asarray(vmapped), np.asarray(mean1), atol=1e-5)
 
 
-@pytest.mark.parametrize("per_example", [False, True])
-def test_adaptive_deck_runs_only_the_chosen_group(random_members, per_example):
+def _two_group_deck(random_members, per_example: bool):
+    """(deck factory, clean [32], noisy [32]): 4 random members, augmix = {0, 2} gated to
+    clean images, gaussian = {1, 3} to noisy ones."""
     graphdef, params, stats, data = random_members
     config = config_util.load_config_file(DECK)
     config.deck.per_example = per_example
@@ -249,8 +250,18 @@ def test_adaptive_deck_runs_only_the_chosen_group(random_members, per_example):
     feats = [np.asarray(spectral.spectral_feature(x)) for x in (clean, noisy)]
     refs = np.stack([np.concatenate([f, f.mean(0, keepdims=True)]) for f in feats])
     fake = [None] * 4  # Deck only counts its members
-    deck = deck_run.Deck(config, fake, {"augmix": [0, 2], "gaussian": [1, 3]}, refs,
-                         graphdef, params, stats)
+
+    def make():
+        return deck_run.Deck(config, fake, {"augmix": [0, 2], "gaussian": [1, 3]}, refs,
+                             graphdef, params, stats)
+
+    return make, clean, noisy
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_adaptive_deck_runs_only_the_chosen_group(random_members, per_example):
+    make, clean, noisy = _two_group_deck(random_members, per_example)
+    deck = make()
     valid = np.ones(32, bool)
     if not per_example:
         probs, choice = deck.adaptive(noisy, valid)
@@ -275,17 +286,8 @@ def test_adaptive_deck_runs_only_the_chosen_group(random_members, per_example):
 @pytest.mark.parametrize("per_example", [False, True])
 def test_adaptive_from_known_member_softmaxes_equals_adaptive(random_members, per_example):
     """The evaluation's shortcut: the gated group's mean of softmaxes already computed."""
-    graphdef, params, stats, data = random_members
-    config = config_util.load_config_file(DECK)
-    config.deck.per_example = per_example
-    clean = data.test_images[:32]
-    noisy = np.clip(clean.astype(np.int32) + np.random.RandomState(0).normal(
-        0, 40, clean.shape), 0, 255).astype(np.uint8)
-    feats = [np.asarray(spectral.spectral_feature(x)) for x in (clean, noisy)]
-    refs = np.stack([np.concatenate([f, f.mean(0, keepdims=True)]) for f in feats])
-    groups = {"augmix": [0, 2], "gaussian": [1, 3]}
-    ran = deck_run.Deck(config, [None] * 4, groups, refs, graphdef, params, stats)
-    reused = deck_run.Deck(config, [None] * 4, groups, refs, graphdef, params, stats)
+    make, clean, noisy = _two_group_deck(random_members, per_example)
+    ran, reused = make(), make()
     valid = np.ones(32, bool)
     for x in (noisy, clean, np.concatenate([clean[:16], noisy[16:]])):
         probs, choice = ran.adaptive(x, valid)
