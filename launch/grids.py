@@ -164,12 +164,13 @@ LEVEL0_IS_DENSE = ("ft", "lth", "lrr")
 class EmbeddedKnobs:
     """Every number of the embedded sweep, in one place.
 
-    Training dominates: dense, gmp, ep, bp train `epochs` once, ft 1.25 times, lth, lrr and
-    both CARDs (lrr by default) `1 + lth_levels` times. Measured with these defaults on a quiet
-    2-core machine, two jobs side by side on one CPU each (~4.1 steps/s of R=2 per job): 11:46
-    in all; a one-training run 1:30-1:57 (~1:00 training, ~0:30 evaluating the clean set and
-    95 "-C" cells of 500 images), a two-training run (lth, lrr, CARDs) 2:33-2:48, the deck
-    1:48, each heat map job 0:29-0:33, the "-C" set 0:19, the report 1 s.
+    Training dominates: dense, gmp, ep, bp train `epochs` once; ft, lth and lrr copy their
+    level 0 from the dense run (`share_dense_level0`) and train 0.25, 1 and 1 more times;
+    both CARDs (lrr by default) train `1 + lth_levels` times. Measured with these defaults on
+    a quiet 2-core machine, two jobs side by side on one CPU each (~4.1 steps/s of R=2 per
+    job): 9:21 in all; a one-training run 1:22-1:49 (~1:00 training, ~0:25 evaluating the
+    clean set and 95 "-C" cells of 500 images), lth/lrr 1:28/1:23, ft 0:46, the CARDs
+    2:36/2:50, the deck 1:03, each heat map job 0:26-0:29, the "-C" set 0:18, the report 1 s.
     """
 
     # The base config of every run; CARDs use its `:augmix` / `:gaussian` variants.

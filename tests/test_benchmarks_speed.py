@@ -268,7 +268,9 @@ def test_float32_adds_no_casts(fast_compile):
     # A saved config without the key (written before it existed) is read as float32, and the
     # step built without the argument is the very same as the explicit float32 one.
     saved = config_util.to_dict(exp.config)
-    del saved["train"]["compute_dtype"]
+    for dotted in config_util.ADDED_KEYS:  # compute_dtype and the keys added after it
+        section, key = dotted.split(".")
+        del saved[section][key]
     assert config_util.with_added_keys(saved)["train"]["compute_dtype"] == "float32"
     assert config_util.without_added_defaults(config_util.to_dict(exp.config)) == saved
     spec = steps.BatchSpec(exp.config.train.batch_size, len(exp.dataset.train_images),
