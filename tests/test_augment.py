@@ -76,6 +76,23 @@ def test_translations_shift_with_black_fill():
     np.testing.assert_array_equal(augment.rotate(row, 0), row)  # identity warp is exact
 
 
+@pytest.mark.parametrize("matrix, along_x, along_y", [
+    (dict(b=0.27), True, False),      # shear_x: every row keeps its y
+    (dict(d=-0.21), False, True),     # shear_y: every column keeps its x
+    (dict(c=-7.0), False, False),     # integer translations: a plain shift
+    (dict(f=5.0), False, False),
+])
+def test_warps_without_an_axis_equal_the_full_bilinear_warp(matrix, along_x, along_y):
+    image = jnp.asarray(np.random.RandomState(3).randint(0, 256, (9, 11, 3)), jnp.int32)
+    m = augment._matrix(**matrix)
+    np.testing.assert_array_equal(augment.affine(image, m, along_x=along_x, along_y=along_y),
+                                  augment.affine(image, m))
+    # The shortcut is not the identity: a rotation needs both axes.
+    rotation = augment.rotate_matrix(jnp.float32(13.0), 9, 11)
+    assert not np.array_equal(augment.affine(image, rotation, along_x=along_x, along_y=along_y),
+                              augment.affine(image, rotation))
+
+
 def test_ops_match_pillow_on_a_random_image():
     rng = np.random.RandomState(0)
     image = (rng.rand(32, 32, 3) * 150 + 40).astype(np.uint8)
