@@ -239,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             elif level0_source is not None:
                 level0.import_final_state(
                     level_dir(level0_source, 0, 1) / "checkpoints", directory, host_state,
-                    plan.end, exp.method.rewind_step, {**metadata, "level": 0},
+                    plan.end, exp.method.rewind_step, metadata,
                     keep=config.train.keep_checkpoints)
             ctx = train.LevelContext(directory=directory, writer=writer,
                                      metadata=metadata,
