@@ -3,6 +3,7 @@
 Usage:
   python benchmarks/run_all.py [--quick] [--only=a,b] [--skip=a,b] [--timeout=S]
       [--pass NAME='--flag=value ...'] [--no-documents] [--compile-cache=auto|none|DIR]
+      [--out=PATH [--resume]]
 
 Each benchmark (train_step, robustness, profile, masks, pipeline, evaluation, and deck when
 benchmarks/deck.py exists) runs as its own subprocess (`python benchmarks/<name>.py [--quick]`,
@@ -15,6 +16,12 @@ parsed. The output lists:
             the definition; ratios without a target are informative (target null, met null)
   summary   how many targets are met, the names of those that are not, failed benchmarks
   environment, and (unless --no-documents) every benchmark's full document
+
+A full run takes close to an hour on 2 CPU cores. With `--out=PATH` the document, as it
+stands, is rewritten to PATH (atomically) after every benchmark, so an interrupted run keeps
+what it measured; `--resume` then reads PATH and runs only the benchmarks it does not hold
+a successful document for (same `--quick` setting required). The resumed document lists, per
+run, when it was measured (`finished_at`).
 
 Compilation dominates the quick runs (the benchmarks build several experiments of the same
 model, and several benchmarks compile the same steps), so by default the benchmarks share a
@@ -195,7 +202,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-cache", default="auto",
                    help="JAX persistent compilation cache shared by the benchmarks: 'auto' (a "
                         "fresh temporary directory, removed afterwards), 'none', or a path")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="also write the document to PATH after every benchmark (atomically)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --out: keep the successful benchmarks already in PATH and run "
+                        "only the others")
     args = p.parse_args(argv)
+    if args.resume and not args.out:
+        p.error("--resume needs --out=PATH (the document to resume)")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
     unknown = (set(names) | skip) - set(BENCHMARKS)
@@ -213,31 +227,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    common.setup_logging()
-    args = parse_args(argv)
-    tic = time.perf_counter()
-    runs: dict[str, Any] = {}
-    documents: dict[str, Any] = {}
+def load_previous(path: pathlib.Path, quick: bool) -> tuple[dict, dict]:
+    """The successful runs and their documents from an earlier `--out` file (for --resume).
+
+    Raises SystemExit with the reason when the file is unreadable or was written with a
+    different --quick setting (mixing the two would mix incomparable numbers).
+    """
+    if not path.exists():
+        return {}, {}
+    try:
+        prev = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"run_all: --resume: {path} is not a JSON document ({e}); move it "
+                         "away or run without --resume") from e
+    if prev.get("benchmark") != "run_all" or "documents" not in prev:
+        raise SystemExit(f"run_all: --resume: {path} is not a run_all document with documents "
+                         "(was it written with --no-documents?)")
+    if bool(prev.get("quick")) != quick:
+        raise SystemExit(f"run_all: --resume: {path} was written with quick={prev.get('quick')}"
+                         f", this run has quick={quick}; use another --out")
+    runs = {n: r for n, r in prev.get("runs", {}).items()
+            if r.get("ok") and n in prev["documents"]}
+    return runs, {n: prev["documents"][n] for n in runs}
+
+
+def build_document(args: argparse.Namespace, runs: dict[str, Any], documents: dict[str, Any],
+                   wall_s: float) -> dict[str, Any]:
+    """The one output document from the runs so far (ratios re-extracted and re-judged)."""
     ratios: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        cache_dir = None
-        if args.compile_cache == "auto":
-            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="card_jax_xla_"))
-        elif args.compile_cache != "none":
-            cache_dir = args.compile_cache
-        for name in args.names:
-            if name in OPTIONAL and not (_REPO / "benchmarks" / f"{name}.py").exists():
-                runs[name] = {"skipped": "script not present"}
-                continue
-            runs[name], doc = run_one(name, args, cache_dir)
-            if doc is None:
-                continue
-            documents[name] = doc
-            for entry in EXTRACTORS[name](doc):
+    for name in BENCHMARKS:
+        if name in documents:
+            for entry in EXTRACTORS[name](documents[name]):
                 ratios.append(judge({"benchmark": name, **entry}))
     targeted = [r for r in ratios if r["target"] is not None]
     failed = [n for n, r in runs.items() if r.get("ok") is False]
+    pending = [n for n in args.names if n not in runs]
     out: dict[str, Any] = {
         "benchmark": "run_all",
         "quick": args.quick,
@@ -251,13 +275,62 @@ def main(argv: list[str] | None = None) -> int:
             "unmet": [f"{r['benchmark']}/{r['name']}" for r in targeted if not r["met"]],
             "informative": len(ratios) - len(targeted),
             "failed_benchmarks": failed,
+            "pending_benchmarks": pending,
         },
-        "wall_s": round(time.perf_counter() - tic, 1),
+        "wall_s": round(wall_s, 1),
     }
-    if not args.no_documents:
+    if not args.no_documents or args.out:
         out["documents"] = documents
+    return out
+
+
+def write_atomically(path: pathlib.Path, doc: dict[str, Any]) -> None:
+    """Writes `doc` as JSON to path via a temporary file + rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    common.setup_logging()
+    args = parse_args(argv)
+    tic = time.perf_counter()
+    out_path = pathlib.Path(args.out) if args.out else None
+    runs: dict[str, Any] = {}
+    documents: dict[str, Any] = {}
+    if args.resume:
+        runs, documents = load_previous(out_path, args.quick)
+        runs = {n: r for n, r in runs.items() if n in args.names}
+        documents = {n: d for n, d in documents.items() if n in runs}
+        common.log.info("run_all: resuming; kept %s from %s", sorted(runs) or "nothing",
+                        out_path)
+    with contextlib.ExitStack() as stack:
+        cache_dir = None
+        if args.compile_cache == "auto":
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="card_jax_xla_"))
+        elif args.compile_cache != "none":
+            cache_dir = args.compile_cache
+        for name in args.names:
+            if name in runs:
+                continue
+            if name in OPTIONAL and not (_REPO / "benchmarks" / f"{name}.py").exists():
+                runs[name] = {"skipped": "script not present"}
+                continue
+            runs[name], doc = run_one(name, args, cache_dir)
+            runs[name]["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if doc is not None:
+                documents[name] = doc
+            if out_path is not None:
+                write_atomically(out_path, build_document(args, runs, documents,
+                                                          time.perf_counter() - tic))
+    out = build_document(args, runs, documents, time.perf_counter() - tic)
+    if out_path is not None:
+        write_atomically(out_path, out)
+    if args.no_documents:
+        out.pop("documents", None)
     common.emit_json(out)
-    return 1 if failed else 0
+    return 1 if out["summary"]["failed_benchmarks"] else 0
 
 
 if __name__ == "__main__":

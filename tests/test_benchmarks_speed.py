@@ -165,6 +165,46 @@ def _tree(ties: bool) -> dict[str, np.ndarray]:
     return tree
 
 
+def test_run_all_out_file_and_resume(tmp_path, monkeypatch):
+    """--out keeps every finished benchmark; --resume reruns only the failed and missing ones."""
+    from benchmarks import run_all
+
+    calls = []
+
+    def fake_run_one(name, args, cache_dir):
+        calls.append(name)
+        if name == "pipeline" and len(calls) <= 2:  # fails the first time only
+            return {"command": [name], "returncode": 1, "wall_s": 0.1, "ok": False}, None
+        doc = {"ratios": [{"name": f"{name}/x", "value": 2.0, "target": 1.0,
+                           "comparison": ">=", "definition": "d"}]}
+        return {"command": [name], "returncode": 0, "wall_s": 0.1, "ok": True}, doc
+
+    monkeypatch.setattr(run_all, "run_one", fake_run_one)
+    monkeypatch.setattr(run_all.common, "environment", lambda: {})
+    out = tmp_path / "all.json"
+    assert run_all.main(["--only=masks,pipeline", f"--out={out}", "--compile-cache=none"]) == 1
+    first = json.loads(out.read_text())
+    assert calls == ["masks", "pipeline"]
+    assert first["summary"]["failed_benchmarks"] == ["pipeline"]
+    assert set(first["documents"]) == {"masks"}
+    assert first["summary"]["met"] == 1 and first["summary"]["pending_benchmarks"] == []
+
+    assert run_all.main(["--only=masks,pipeline,evaluation", f"--out={out}", "--resume",
+                         "--compile-cache=none"]) == 0
+    assert calls == ["masks", "pipeline", "pipeline", "evaluation"]  # masks kept
+    second = json.loads(out.read_text())
+    assert set(second["documents"]) == {"masks", "pipeline", "evaluation"}
+    assert second["runs"]["masks"] == first["runs"]["masks"]
+    assert [r["name"] for r in second["ratios"]] == ["masks/x", "pipeline/x", "evaluation/x"]
+    assert second["summary"]["met"] == 3 and second["summary"]["failed_benchmarks"] == []
+
+    with pytest.raises(SystemExit, match="quick"):  # never mix --quick and full numbers
+        run_all.main(["--quick", "--only=masks", f"--out={out}", "--resume"])
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a JSON document"):
+        run_all.main(["--only=masks", f"--out={out}", "--resume"])
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_global_selection_equals_sort_reference(ties):
     tree = _tree(ties)
