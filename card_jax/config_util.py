@@ -197,6 +197,11 @@ def without_added_defaults(config: dict) -> dict:
     return out
 
 
+# Keys that change how a run is evaluated or reported, never what it trains: a resumed or
+# finished run may change them (e.g. evaluate on another "-C" set).
+VOLATILE_PREFIXES = ("eval.", "train.progress", "train.log_every")
+
+
 def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Lists `key: old -> new` for every leaf that differs between two plain config dicts."""
     lines = []

@@ -24,18 +24,25 @@ from typing import Any
 
 import jax
 
-from card_jax import checkpoint as checkpoint_lib
 from card_jax import config_util
 
 log = logging.getLogger("card_jax")
 
-# Config keys that never change what level 0 trains.
-IGNORED_PREFIXES = ("method.", "eval.", "train.progress", "train.log_every",
-                    "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every")
+# Config keys that never change what level 0 trains: the method's own keys, the volatile
+# evaluation / logging keys, and when checkpoints are kept or evaluated.
+IGNORED_PREFIXES = ("method.", *config_util.VOLATILE_PREFIXES, "train.checkpoint_every",
+                    "train.keep_checkpoints", "train.eval_every")
 
 
 class Level0SourceError(ValueError):
     """`method.level0_from` names a run that cannot stand in for this run's level 0."""
+
+
+def training_differences(source_config: dict, config: dict) -> list[str]:
+    """`key: source -> this run` for every difference that changes what level 0 trains
+    (plain config dicts; differences under IGNORED_PREFIXES are left out)."""
+    return [c for c in config_util.diff(source_config, config)
+            if not c.startswith(IGNORED_PREFIXES)]
 
 
 def check_source(source: pathlib.Path, config: dict, *, config_file: str,
@@ -57,7 +64,7 @@ def check_source(source: pathlib.Path, config: dict, *, config_file: str,
         raise Level0SourceError(
             f"method.level0_from={source} trained method "
             f"{saved.get('method', {}).get('name')!r}; level 0 can only come from a dense run")
-    changes = [c for c in config_util.diff(saved, config) if not c.startswith(IGNORED_PREFIXES)]
+    changes = training_differences(saved, config)
     if changes:
         raise Level0SourceError(
             f"method.level0_from={source} trained a different level 0; differences "
@@ -92,6 +99,10 @@ def import_final_state(source_checkpoints: pathlib.Path, directory: pathlib.Path
       end: level 0's last step (the dense run must have a checkpoint there).
       rewind_step: LTH's rewind point k, or None. k > 0 needs the source's checkpoint at k.
     """
+    # Orbax is imported here, not at the top: the sweep launcher imports this module for
+    # `training_differences` when it expands a grid, and needs no checkpoints.
+    from card_jax import checkpoint as checkpoint_lib
+
     target = checkpoint_lib.Checkpointer(directory / "checkpoints", keep=keep)
     if target.steps():
         return

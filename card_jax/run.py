@@ -60,9 +60,7 @@ def _write_json(path: pathlib.Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-# Keys that change how a run is evaluated or reported, never what it trains: a resumed or
-# finished run may change them (e.g. evaluate on another "-C" set).
-VOLATILE_PREFIXES = ("eval.", "train.progress", "train.log_every")
+VOLATILE_PREFIXES = config_util.VOLATILE_PREFIXES
 
 
 def _check_config(workdir: pathlib.Path, config) -> bool:

@@ -8,7 +8,9 @@ One run per (model, method, sparsity); 5 realizations each (SPEC §0.1, §10):
   MODEL     conv2 | conv4 | conv6 | conv8 | vgg19  (Conv8 and VGG19 are certain; the other three
             of the paper's five are [unverified], SPEC §10)
   METHOD    dense | ft | gmp | lth | lrr | ep | bp  (global pruning; `ep_layerwise`,
-            `bp_layerwise` for App. C.1)
+            `bp_layerwise` for App. C.1); `dense_openlth`: dense training with open_lth's
+            recipe below, the level 0 that ft, lth and lrr share (the sec22 sweep trains it
+            once per model and passes it to those 15 runs as `method.level0_from`)
   SPARSITY  0.5 | 0.6 | 0.8 | 0.9 | 0.95  (ignored for dense)
   Append `,smoke` for a seconds-long run on synthetic data with the same structure.
 
@@ -33,6 +35,9 @@ from configs import common
 MODELS = ("conv2", "conv4", "conv6", "conv8", "vgg19")
 METHODS = ("dense", "ft", "gmp", "lth", "lrr", "ep", "bp", "ep_layerwise", "bp_layerwise")
 SPARSITIES = (0.5, 0.6, 0.8, 0.9, 0.95)
+# Dense training with open_lth's recipe: bit for bit the level 0 of ft, lth and lrr
+# (`pruning.Method.dense_level0`), so one such run per model can stand in for theirs.
+LEVEL0_SOURCE = "dense_openlth"
 
 
 def parse_arg(arg: str | None) -> tuple[str, str, float, bool]:
@@ -42,14 +47,14 @@ def parse_arg(arg: str | None) -> tuple[str, str, float, bool]:
     model, method, sparsity = (parts + ["conv8", "lrr", "0.8"][len(parts):])[:3]
     if model not in MODELS:
         raise ValueError(f"model {model!r} not in the Section 2.2 grid {MODELS}")
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} not in {METHODS}")
+    if method not in METHODS + (LEVEL0_SOURCE,):
+        raise ValueError(f"method {method!r} not in {METHODS + (LEVEL0_SOURCE,)}")
     return model, method, float(sparsity), smoke
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model, method, sparsity, smoke = parse_arg(arg)
-    name, _, scope = method.partition("_")
+    name, _, scope = ("dense", "", "") if method == LEVEL0_SOURCE else method.partition("_")
     config = common.get_base_config()
     config.train = common.get_train(realizations=5, batch_size=128, log_every=100,
                                     checkpoint_every=1000)
@@ -63,11 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dict(config.model.kw, **({"bn_affine": False} if model == "vgg19" else {})))
         config.optim = common.get_optim(lr=0.1, weight_decay=1e-4, schedule="cosine")
         config.train.epochs = 100.0
-    elif name == "dense":
+    elif method == "dense":
         config.optim = common.get_optim(lr=0.01 if model.startswith("conv") else 0.1,
                                         weight_decay=1e-4, schedule="cosine")
         config.train.epochs = 100.0
-    else:  # ft, gmp, lth, lrr: open_lth's training
+    else:  # ft, gmp, lth, lrr and LEVEL0_SOURCE: open_lth's training
         config.optim = common.get_optim(lr=0.1, weight_decay=1e-4, schedule="step",
                                         milestones=(80, 120), gamma=0.1)
         config.train.epochs = 160.0

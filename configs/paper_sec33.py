@@ -9,7 +9,10 @@ One run per (dataset, model, augmentation, method, sparsity); 3 realizations eac
   MODEL     resnet18 (width 64) | wrn18_2 (ResNet-18 width 128, the paper's "WideResNet-18-2")
             | resnet50 | resnext29
   AUG       clean | augmix | gaussian
-  METHOD    dense | lth | lrr | ep | ep_layerwise | bp | bp_layerwise
+  METHOD    dense | lth | lrr | ep | ep_layerwise | bp | bp_layerwise; `dense_openlth`: dense
+            training with the LTH/LRR recipe below, the level 0 that lth and lrr share (the
+            sweep trains it once per model and augmentation and passes it to those runs as
+            `method.level0_from`)
   SPARSITY  0.9 | 0.95 (ignored for dense)
   Append `,smoke` for a seconds-long run on synthetic data with the same structure.
 
@@ -36,6 +39,9 @@ AUGMENTATIONS = ("clean", "augmix", "gaussian")
 METHODS = ("dense", "lth", "lrr", "ep", "ep_layerwise", "bp", "bp_layerwise")
 SPARSITIES = (0.9, 0.95)
 CIFAR100_METHODS = ("dense", "lth", "lrr", "ep", "bp")
+# Dense training with the LTH/LRR recipe: bit for bit their level 0
+# (`pruning.Method.dense_level0`), so one such run can stand in for theirs.
+LEVEL0_SOURCE = "dense_openlth"
 
 
 def parse_arg(arg: str | None):
@@ -50,16 +56,17 @@ def parse_arg(arg: str | None):
         raise ValueError(f"model {model!r} not in {tuple(MODELS)}")
     if aug not in AUGMENTATIONS:
         raise ValueError(f"augmentation {aug!r} not in {AUGMENTATIONS}")
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} not in {METHODS}")
-    if dataset == "cifar100" and (model != "wrn18_2" or method not in CIFAR100_METHODS):
+    if method not in METHODS + (LEVEL0_SOURCE,):
+        raise ValueError(f"method {method!r} not in {METHODS + (LEVEL0_SOURCE,)}")
+    if dataset == "cifar100" and (model != "wrn18_2" or
+                                  method not in CIFAR100_METHODS + (LEVEL0_SOURCE,)):
         raise ValueError("the paper's CIFAR-100 runs use wrn18_2 with lth, lrr, ep or bp only")
     return dataset, model, aug, method, float(sparsity), smoke
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dataset, model, aug, method, sparsity, smoke = parse_arg(arg)
-    name, _, scope = method.partition("_")
+    name, _, scope = ("dense", "", "") if method == LEVEL0_SOURCE else method.partition("_")
     arch, width = MODELS[model]
     config = common.get_base_config()
     config.data = common.get_data(dataset)
@@ -69,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = common.get_model(arch, width=width, bn_affine=bn_affine)
     config.method = common.get_method(name, sparsity=sparsity, scope=scope or "global")
     config.train = common.get_train(realizations=3, log_every=100, checkpoint_every=1000)
-    if name in ("lth", "lrr"):
+    if name in ("lth", "lrr") or method == LEVEL0_SOURCE:
         config.optim = common.get_optim(lr=0.1, weight_decay=1e-4, schedule="step",
                                         milestones=(80, 120))
         config.train.batch_size, config.train.epochs = 128, 160.0

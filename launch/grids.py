@@ -151,13 +151,52 @@ def deck_members(augmix: Job, gaussian: Job, cards: int, realizations: int) -> s
     return ",".join(f"{run.workdir}:{r}" for run in (augmix, gaussian) for r in range(half))
 
 
+# Methods whose level 0 is dense training (`pruning.Method.dense_level0`, which a test checks
+# against this list): they can copy it from a finished dense run instead of training it
+# (`method.level0_from`, card_jax/level0.py).
+LEVEL0_IS_DENSE = ("ft", "lth", "lrr")
+
+
+# Paper grids: the dense runs with the LTH recipe that stand in for level 0 (LEVEL0_IS_DENSE)
+# go here. The report skips folders of this name (card_jax.report.collect.SKIP_DIRS): their
+# recipe is not the paper's dense baseline, which they would otherwise join.
+LEVEL0_FOLDER = "level0"
+
+
+def level0_source(opts: GridOptions, spec: str, prefix: str) -> Job:
+    """A dense run of `spec` (a paper config's LEVEL0_SOURCE) in LEVEL0_FOLDER: evaluated on
+    the clean test set only, since only its trained state is used."""
+    return main_job(opts, "train", prefix, spec, [], folder=LEVEL0_FOLDER)
+
+
+def shared_level0_job(opts: GridOptions, prefix: str, spec: str, overrides: Sequence[str],
+                      deps: Sequence[str], source: Job) -> Job:
+    """A LEVEL0_IS_DENSE run that copies its level 0 from `source` (`method.level0_from`).
+
+    Checked here, at expansion, with the test card_jax applies when the run starts
+    (`level0.training_differences`): a config edit that makes the two trainings differ fails
+    now, not after the source has trained.
+    """
+    from card_jax import config_util, level0
+
+    source_spec = next(a.split("=", 1)[1] for a in source.argv if a.startswith("--config="))
+    source_overrides = [a for a in source.argv if a.startswith("--config.")]
+    data = [f"--config.data.dir={opts.data_dir}"] if opts.data_dir else []
+    changes = level0.training_differences(
+        config_util.to_dict(resolve_config(source_spec, source_overrides)),
+        config_util.to_dict(resolve_config(spec, [*overrides, *data])))
+    if changes:
+        raise ValueError(f"{spec}: its level 0 is not the training of the run it would copy "
+                         f"level 0 from ({source.name}); differences (source -> run):\n  "
+                         + "\n  ".join(changes))
+    return main_job(opts, "train", prefix, spec,
+                    [*overrides, f"--config.method.level0_from={source.workdir}"],
+                    [*deps, source.name])
+
+
 # ----------------------------------------------------------------------------------------------
 # embedded: the README's main command
 # ----------------------------------------------------------------------------------------------
-
-
-# Methods whose level 0 is the dense baseline's training (`pruning.Method.dense_level0`).
-LEVEL0_IS_DENSE = ("ft", "lth", "lrr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,9 +291,10 @@ def embedded(opts: GridOptions, knobs: EmbeddedKnobs | None = None) -> list[Job]
         overrides, deps = method_overrides(method, k.sparsity) + common, [corrupt.name]
         if method in LEVEL0_IS_DENSE and k.share_dense_level0:
             # Their level 0 is this very dense training: copy it, do not train it again.
-            overrides.append(f"--config.method.level0_from={runs['dense'].workdir}")
-            deps.append(runs["dense"].name)
-        runs[method] = main_job(opts, "train", prefix, k.config, overrides, deps)
+            runs[method] = shared_level0_job(opts, prefix, k.config, overrides, deps,
+                                             runs["dense"])
+        else:
+            runs[method] = main_job(opts, "train", prefix, k.config, overrides, deps)
     cards = {}
     for aug in ("augmix", "gaussian"):
         if opts.smoke:  # configs/default.py takes one argument: smoke, augmix or gaussian
@@ -314,20 +354,31 @@ def _arg(*parts: Any, smoke: bool) -> str:
 
 
 def sec22(opts: GridOptions) -> list[Job]:
-    """Section 2.2 (Figure 1): every model x method x sparsity of configs/paper_sec22.py."""
+    """Section 2.2 (Figure 1): every model x method x sparsity of configs/paper_sec22.py.
+
+    The 15 ft/lth/lrr runs of a model (5 sparsities) share one level 0, trained once by a
+    `dense_openlth` run; bit for bit what each would have trained itself.
+    """
     paper = _config_module("paper_sec22")
 
     eval_overrides, corrupt = _corruption_source(opts, "cifar10")
     deps = [j.name for j in corrupt]
-    runs = []
+    sources, runs = [], []
     for model in paper.MODELS:
+        source = level0_source(
+            opts, f"configs/paper_sec22.py:{_arg(model, paper.LEVEL0_SOURCE, smoke=opts.smoke)}",
+            f"{model}-{paper.LEVEL0_SOURCE}")
+        sources.append(source)
         for method in paper.METHODS:
             for sparsity in (None,) if method == "dense" else paper.SPARSITIES:
                 arg = _arg(model, method, *([sparsity] if sparsity else []), smoke=opts.smoke)
                 prefix = f"{model}-{method}" + (f"-{sparsity:g}" if sparsity else "")
-                runs.append(main_job(opts, "train", prefix, f"configs/paper_sec22.py:{arg}",
-                                     eval_overrides, deps))
-    everything = corrupt + runs
+                spec = f"configs/paper_sec22.py:{arg}"
+                runs.append(
+                    shared_level0_job(opts, prefix, spec, eval_overrides, deps, source)
+                    if method in LEVEL0_IS_DENSE else
+                    main_job(opts, "train", prefix, spec, eval_overrides, deps))
+    everything = corrupt + sources + runs
     return everything + [report_job(opts, everything)]
 
 
@@ -337,8 +388,9 @@ DECK_SIZES = (2, 4, 6)
 def sec33(opts: GridOptions, dataset: str = "cifar10") -> list[Job]:
     """Section 3.3 (Figure 4): configs/paper_sec33.py's grid for `dataset`, and CARD-Decks.
 
-    A deck of n cards takes n/2 realizations of the AugMix run and of the Gaussian run of one
-    (model, method, sparsity); dense runs make no decks.
+    The lth/lrr runs of a (model, augmentation) share one level 0 (a `dense_openlth` run),
+    as in sec22. A deck of n cards takes n/2 realizations of the AugMix run and of the
+    Gaussian run of one (model, method, sparsity); dense runs make no decks.
     """
     paper = _config_module("paper_sec33")
 
@@ -347,17 +399,24 @@ def sec33(opts: GridOptions, dataset: str = "cifar10") -> list[Job]:
     models = tuple(paper.MODELS) if dataset == "cifar10" else ("wrn18_2",)
     methods = paper.METHODS if dataset == "cifar10" else paper.CIFAR100_METHODS
     runs: dict[tuple, Job] = {}
+    sources = []
     for model in models:
         for aug in paper.AUGMENTATIONS:
+            source = level0_source(opts, "configs/paper_sec33.py:" + _arg(
+                dataset, model, aug, paper.LEVEL0_SOURCE, smoke=opts.smoke),
+                f"{model}-{paper.LEVEL0_SOURCE}-{aug}")
+            sources.append(source)
             for method in methods:
                 for sparsity in (None,) if method == "dense" else paper.SPARSITIES:
                     arg = _arg(dataset, model, aug, method,
                                *([sparsity] if sparsity else []), smoke=opts.smoke)
                     prefix = f"{model}-{method}" + (f"-{sparsity:g}" if sparsity else "") + \
                         f"-{aug}"
-                    runs[model, aug, method, sparsity] = main_job(
-                        opts, "train", prefix, f"configs/paper_sec33.py:{arg}", eval_overrides,
-                        deps)
+                    spec = f"configs/paper_sec33.py:{arg}"
+                    runs[model, aug, method, sparsity] = (
+                        shared_level0_job(opts, prefix, spec, eval_overrides, deps, source)
+                        if method in LEVEL0_IS_DENSE else
+                        main_job(opts, "train", prefix, spec, eval_overrides, deps))
     decks = []
     deck_spec = "configs/deck.py:smoke" if opts.smoke else "configs/deck.py"
     for (model, aug, method, sparsity), augmix in runs.items():
@@ -372,7 +431,7 @@ def sec33(opts: GridOptions, dataset: str = "cifar10") -> list[Job]:
                 opts, "deck", f"deck-{model}-{method}-{sparsity:g}-{cards}cards", deck_spec,
                 [f"--config.deck.members={deck_members(augmix, gaussian, cards, realizations)}",
                  *eval_overrides], [augmix.name, gaussian.name], folder="decks"))
-    everything = corrupt + list(runs.values()) + decks
+    everything = corrupt + sources + list(runs.values()) + decks
     return everything + [report_job(opts, everything)]
 
 

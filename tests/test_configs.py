@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
@@ -54,3 +55,18 @@ def test_full_configs_match_the_paper_grid():
     with pytest.raises(ValueError, match="CIFAR-100"):
         config_util.load_config_file(
             str(REPO / "configs" / "paper_sec33.py:cifar100,resnet50,clean,lrr,0.9"))
+
+
+def test_paper_lth_takes_level0_from_the_dense_openlth_run(tmp_path, fast_compile):
+    """sec22's pairing end to end: the level-0 source trains, LTH copies it and goes on."""
+    source = tmp_path / "level0"
+    run.train_and_evaluate(config_util.load_config_file(
+        str(REPO / "configs" / f"paper_sec22.py:conv2,{SEC22.LEVEL0_SOURCE},smoke")), source)
+    config = config_util.load_config_file(
+        str(REPO / "configs" / "paper_sec22.py:conv2,lth,0.5,smoke"))
+    config.method.level0_from = str(source)
+    results = run.train_and_evaluate(config, tmp_path / "lth")
+    assert results["level0_from"] == str(source)
+    source_results = json.loads((source / "results.json").read_text())
+    assert results["levels"][0]["clean_acc"] == source_results["clean_acc"]
+    assert [abs(s - 0.5) < 0.01 for s in results["sparsity_global"]] == [True, True]

@@ -174,9 +174,10 @@ def test_embedded_knobs_are_checked(tmp_path):
     _embedded(tmp_path, epochs=2, ep_bp_warmup_epochs=1)
 
 
-@pytest.mark.parametrize("name,trains,decks", [("sec22", 5 + 5 * 8 * 5, 0),
-                                               ("sec33", 4 * 3 * (1 + 6 * 2), 4 * 6 * 2 * 2),
-                                               ("cifar100", 3 * (1 + 4 * 2), 4 * 2 * 2)])
+# Train jobs: one dense_openlth level-0 source per model (sec22) or per model and augmentation.
+@pytest.mark.parametrize("name,trains,decks", [("sec22", 5 * (2 + 8 * 5), 0),
+                                               ("sec33", 4 * 3 * (2 + 6 * 2), 4 * 6 * 2 * 2),
+                                               ("cifar100", 3 * (2 + 4 * 2), 4 * 2 * 2)])
 def test_paper_grids_smoke_expand_to_valid_runs(tmp_path, name, trains, decks, monkeypatch):
     monkeypatch.chdir(REPO)
     expanded = grids.expand(name, grids.GridOptions(root=tmp_path, smoke=True))
@@ -189,6 +190,8 @@ def test_paper_grids_smoke_expand_to_valid_runs(tmp_path, name, trains, decks, m
         _check_main_overrides(job, monkeypatch)
         if job.kind == "train":
             assert ",smoke" in job.argv[2]
+    _check_shared_level0(expanded, shared=3 * 5 * 5 if name == "sec22" else
+                         (4 if name == "sec33" else 1) * 3 * 2 * 2)
     if decks:
         members = [a for j in expanded if j.kind == "deck" for a in j.argv
                    if a.startswith("--config.deck.members=")]
@@ -197,11 +200,69 @@ def test_paper_grids_smoke_expand_to_valid_runs(tmp_path, name, trains, decks, m
         assert len(members) == len(set(members)) == decks
 
 
+def _grid_point(job: jobs.Job) -> tuple[list[str], str]:
+    """(the config argument's parts before the method, the method) of a paper-grid run."""
+    spec, _, arg = job.argv[2].partition(":")
+    at = 1 if spec.endswith("paper_sec22.py") else 3  # MODEL,METHOD or DATASET,MODEL,AUG,METHOD
+    parts = arg.split(",")
+    return parts[:at], parts[at]
+
+
+def _check_shared_level0(expanded: list[jobs.Job], shared: int) -> None:
+    """ft/lth/lrr copy level 0 from the dense_openlth run of their grid point (model, and
+    dataset and augmentation in sec33), which the report leaves out; no other run copies."""
+    from card_jax.report import collect
+
+    sources = {j.workdir: j for j in expanded if j.kind == "train"
+               and _grid_point(j)[1] == "dense_openlth"}
+    assert sources and all(pathlib.Path(w).parent.name == grids.LEVEL0_FOLDER for w in sources)
+    copying = 0
+    for job in expanded:
+        given = [a.split("=", 1)[1] for a in job.argv
+                 if a.startswith("--config.method.level0_from=")]
+        if job.kind != "train" or _grid_point(job)[1] not in grids.LEVEL0_IS_DENSE:
+            assert not given, job.argv
+            continue
+        (source,) = given
+        copying += 1
+        assert sources[source].name in job.deps
+        assert _grid_point(sources[source])[0] == _grid_point(job)[0]
+    assert copying == shared
+    assert grids.LEVEL0_FOLDER in collect.SKIP_DIRS  # the report leaves the sources out
+
+
+def test_launcher_level0_methods_are_the_dense_level0_methods():
+    """LEVEL0_IS_DENSE restates `Method.dense_level0`; the two must agree."""
+    from card_jax import pruning
+
+    dense_level0 = {name for name in pruning.METHODS if pruning.from_config(
+        {"name": name, "sparsity": 0.5}, total_steps=100, steps_per_epoch=10).dense_level0}
+    assert dense_level0 == set(grids.LEVEL0_IS_DENSE)
+
+
+def test_expansion_refuses_a_level0_source_that_trains_differently(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    opts = grids.GridOptions(root=tmp_path, smoke=True)
+    source = grids.level0_source(opts, "configs/paper_sec22.py:conv4,dense_openlth,smoke",
+                                 "conv4-dense_openlth")
+    job = grids.shared_level0_job(opts, "conv4-lth-0.8", "configs/paper_sec22.py:conv4,lth,0.8,smoke",
+                                  [], [], source)
+    assert f"--config.method.level0_from={source.workdir}" in job.argv
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.1 -> 0\.05"):
+        grids.shared_level0_job(opts, "x", "configs/paper_sec22.py:conv4,lth,0.8,smoke",
+                                ["--config.optim.lr=0.05"], [], source)
+    with pytest.raises(ValueError, match="model"):  # another model's source
+        grids.shared_level0_job(opts, "x", "configs/paper_sec22.py:conv8,lrr,0.8,smoke", [], [],
+                                source)
+
+
 def test_paper_grids_evaluate_on_a_generated_or_given_corruption_set(tmp_path):
     made = grids.expand("sec33", grids.GridOptions(root=tmp_path))
     corrupt = [j for j in made if j.kind == "corrupt"]
     assert len(corrupt) == 1 and "--dataset=cifar10" in corrupt[0].argv
-    trains = [j for j in made if j.kind == "train"]
+    # The level-0 sources are evaluated on the clean test set only.
+    trains = [j for j in made if j.kind == "train"
+              and pathlib.Path(j.workdir).parent.name != grids.LEVEL0_FOLDER]
     assert all(corrupt[0].name in j.deps for j in trains)
     assert all(f"--config.eval.corruption_dir={tmp_path / 'cifar10_c'}" in j.argv
                for j in trains)
@@ -210,9 +271,10 @@ def test_paper_grids_evaluate_on_a_generated_or_given_corruption_set(tmp_path):
     given = grids.expand("sec22", grids.GridOptions(root=tmp_path, corruption_dir="/c10c",
                                                     data_dir="/cifar"))
     assert not [j for j in given if j.kind == "corrupt"]
-    run = next(j for j in given if j.kind == "train")
-    assert "--config.eval.corruption_dir=/c10c" in run.argv
-    assert "--config.data.dir=/cifar" in run.argv
+    trains = [j for j in given if j.kind == "train"]
+    assert all("--config.data.dir=/cifar" in j.argv for j in trains)
+    assert all(("--config.eval.corruption_dir=/c10c" in j.argv)
+               == (pathlib.Path(j.workdir).parent.name != grids.LEVEL0_FOLDER) for j in trains)
 
 
 def test_check_graph_orders_and_refuses_bad_graphs():

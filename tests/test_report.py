@@ -109,6 +109,9 @@ def runs_root(tmp_path_factory):
     # Per-level snapshots and checkpoints must never be taken for runs.
     _write(lrr / "levels" / "level_0", "results.json", "not json")
     _write(lrr / "checkpoints" / "step_1", "results.json", "not json")
+    # A paper sweep's level-0 source (dense with the LTH recipe) is no dense baseline: were it
+    # collected, the Dense row and Figure 1's reference (0.91) would change.
+    _run(root, "level0/conv4-dense_openlth", "dense", 0.8, [0.50, 0.52], [0.30, 0.32])
     return root
 
 

@@ -218,19 +218,8 @@ class Deck:
         mean softmax; a group is evaluated (on the whole batch) only if some valid image
         chose it.
         """
-        choice, _ = self.gate(images, valid)
-        if not self.per_example:
-            g = int(choice[0])
-            self.forward_batches[self.group_members[g]] += 1
-            probs = self.group_fn(*self.group_params[g], self.group_fn.place_batch(images))[0]
-            return np.asarray(probs), choice
-        out = None
-        for g in np.unique(choice[valid]):
-            self.forward_batches[self.group_members[g]] += 1
-            probs = np.asarray(self.group_fn(*self.group_params[g],
-                                             self.group_fn.place_batch(images))[0])
-            out = probs if out is None else np.where((choice == g)[:, None], probs, out)
-        return out, choice
+        return self._gated(images, valid, lambda g: self.group_fn(
+            *self.group_params[g], self.group_fn.place_batch(images))[0])
 
     def adaptive_from(self, member_probs: np.ndarray, images, valid
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -241,12 +230,22 @@ class Deck:
         with the mean taken by `group_mean`, the group DeckFn's own reduction), so its
         members need not run a second time. `forward_batches` counts the same as `adaptive`.
         """
+        return self._gated(images, valid,
+                           lambda g: _group_mean(member_probs[self.group_members[g]]))
+
+    def _gated(self, images, valid, group_probs) -> tuple[np.ndarray, np.ndarray]:
+        """Gates one batch and assembles each image's group answer.
+
+        `group_probs(g)` gives group g's mean softmax `[M, C]` for the whole batch; it is
+        called once for the batch's group, or (per_example) once for each group that some
+        valid image chose.
+        """
         choice, _ = self.gate(images, valid)
-        groups = [int(choice[0])] if not self.per_example else np.unique(choice[valid])
+        groups = np.unique(choice[valid]) if self.per_example else [int(choice[0])]
         out = None
         for g in groups:
             self.forward_batches[self.group_members[g]] += 1
-            probs = np.asarray(_group_mean(member_probs[self.group_members[g]]))
+            probs = np.asarray(group_probs(int(g)))
             out = probs if out is None else np.where((choice == g)[:, None], probs, out)
         return out, choice
 

@@ -25,7 +25,9 @@ RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 HEATMAP_META = pathlib.Path("heatmaps") / "heatmap.json"  # card_jax.heatmaps.META_FILE
 # Inside these a results.json is a per-level snapshot or an artefact, never a run of its own.
-SKIP_DIRS = frozenset({"levels", "checkpoints", "heatmaps", "report", "tensorboard"})
+# Folders never searched for runs. `level0` holds a paper sweep's level-0 sources
+# (launch/grids.py LEVEL0_FOLDER): dense runs with the LTH recipe, not the dense baseline.
+SKIP_DIRS = frozenset({"levels", "checkpoints", "heatmaps", "report", "tensorboard", "level0"})
 METHOD_ORDER = ("dense", "ft", "gmp", "lth", "lrr", "ep", "bp")
 AUGMENT_ORDER = ("none", "augmix", "gaussian")
 # Per-realization lists of results.json that the report aggregates (mean ± std, min, max).
