@@ -3,7 +3,7 @@
 Usage:
   python benchmarks/run_all.py [--quick] [--only=a,b] [--skip=a,b] [--timeout=S]
       [--pass NAME='--flag=value ...'] [--no-documents] [--compile-cache=auto|none|DIR]
-      [--out=PATH [--resume]]
+      [--out=PATH [--resume [--rerun=a,b]]]
 
 Each benchmark (train_step, robustness, profile, masks, pipeline, evaluation, and deck when
 benchmarks/deck.py exists) runs as its own subprocess (`python benchmarks/<name>.py [--quick]`,
@@ -20,8 +20,9 @@ parsed. The output lists:
 A full run takes close to an hour on 2 CPU cores. With `--out=PATH` the document, as it
 stands, is rewritten to PATH (atomically) after every benchmark, so an interrupted run keeps
 what it measured; `--resume` then reads PATH and runs only the benchmarks it does not hold
-a successful document for (same `--quick` setting required). The resumed document lists, per
-run, when it was measured (`finished_at`).
+a successful document for (same `--quick` setting required), plus those named by `--rerun`
+(their earlier documents are replaced). The resumed document lists, per run, when it was
+measured (`finished_at`).
 
 Compilation dominates the quick runs (the benchmarks build several experiments of the same
 model, and several benchmarks compile the same steps), so by default the benchmarks share a
@@ -207,12 +208,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="with --out: keep the successful benchmarks already in PATH and run "
                         "only the others")
+    p.add_argument("--rerun", default="",
+                   help="with --resume: comma-separated benchmarks to run again even if PATH "
+                        "holds their documents")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out=PATH (the document to resume)")
+    args.rerun_names = {n.strip() for n in args.rerun.split(",") if n.strip()}
+    if args.rerun_names and not args.resume:
+        p.error("--rerun goes with --resume")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
-    unknown = (set(names) | skip) - set(BENCHMARKS)
+    unknown = (set(names) | skip | args.rerun_names) - set(BENCHMARKS)
     if unknown:
         p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {BENCHMARKS}")
     args.names = [n for n in names if n not in skip]
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     documents: dict[str, Any] = {}
     if args.resume:
         runs, documents = load_previous(out_path, args.quick)
-        runs = {n: r for n, r in runs.items() if n in args.names}
+        runs = {n: r for n, r in runs.items() if n in args.names and n not in args.rerun_names}
         documents = {n: d for n, d in documents.items() if n in runs}
         common.log.info("run_all: resuming; kept %s from %s", sorted(runs) or "nothing",
                         out_path)

@@ -198,6 +198,13 @@ def test_run_all_out_file_and_resume(tmp_path, monkeypatch):
     assert [r["name"] for r in second["ratios"]] == ["masks/x", "pipeline/x", "evaluation/x"]
     assert second["summary"]["met"] == 3 and second["summary"]["failed_benchmarks"] == []
 
+    assert run_all.main(["--only=masks,pipeline,evaluation", f"--out={out}", "--resume",
+                         "--rerun=masks", "--compile-cache=none"]) == 0
+    assert calls[4:] == ["masks"]
+    third = json.loads(out.read_text())
+    assert third["runs"]["pipeline"] == second["runs"]["pipeline"]
+    assert set(third["documents"]) == {"masks", "pipeline", "evaluation"}
+
     with pytest.raises(SystemExit, match="quick"):  # never mix --quick and full numbers
         run_all.main(["--quick", "--only=masks", f"--out={out}", "--resume"])
     out.write_text("{not json")
