@@ -235,13 +235,15 @@ def make_train_step(
     Returns metrics {'loss': f32 [], 'accuracy': f32 []} of the step's batch.
     """
     parts = make_train_step_parts(graphdef, method, tx, lr_fn, spec, constrain_batch, dtype)
+    loss_and_grads = jax.value_and_grad(parts.loss, has_aux=True)
+    if spec.jsd:
+        loss_and_grads = _jsd_in_micro_batches(loss_and_grads)
 
     def train_step(st: state_lib.TrainState, images: jax.Array, labels: jax.Array,
                    order: pipeline.EpochOrder | None = None):
         x, y = parts.batch(st, images, labels, order)
         trainable = get_trainable(method, st.params, st.method_state)
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(parts.loss, has_aux=True)(
-            trainable, st, x, y)
+        (loss, (logits, batch_stats)), grads = loss_and_grads(trainable, st, x, y)
         new_state = parts.update(st, trainable, grads, batch_stats)
         finite = jnp.isfinite(loss)
         first_bad = jnp.where((st.first_bad_step < 0) & ~finite, st.step, st.first_bad_step)
@@ -250,6 +252,57 @@ def make_train_step(
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     return train_step
+
+
+JSD_MAX_MICRO_BATCHES = 8  # each is one more copy of the forward and backward pass to compile
+
+
+def jsd_micro_batches(batch_size: int) -> int:
+    """Micro-batches of a JSD step without BatchNorm: the smallest divisor of `batch_size`
+    from 3 on (so that each holds at most `batch_size` images, its examples' three views),
+    or 1 (one batch) when that exceeds JSD_MAX_MICRO_BATCHES."""
+    n = next((n for n in range(3, JSD_MAX_MICRO_BATCHES + 1) if batch_size % n == 0), 1)
+    return n if batch_size >= 3 else 1
+
+
+def _jsd_in_micro_batches(loss_and_grads: Callable) -> Callable:
+    """`loss_and_grads(trainable, st, x [3B, ...], y [B])` of a JSD step, over micro-batches
+    when the model has no BatchNorm statistics.
+
+    The JSD loss is a mean over examples of terms that each see only one example's three
+    views, so the mean over equal micro-batches of examples (each with its clean, aug1 and
+    aug2 rows, in that order) is the same loss, and its gradient the mean of theirs (equal up
+    to float32 summation order). Why: a [3B] batch runs 1.5x slower per image than [B] on
+    XLA:CPU when its activations leave the caches (quarter-width Conv-4, B = 128: 649 ms for
+    a batch of 384 vs 142 ms for 128; benchmarks/README.md, section 11). With BatchNorm the
+    three views must stay one batch (its statistics are taken over all of them), so such
+    models keep the single pass.
+    """
+    def grouped(trainable, st, x, y):
+        if jax.tree.leaves(st.batch_stats):
+            return loss_and_grads(trainable, st, x, y)
+        batch = y.shape[0]
+        n = jsd_micro_batches(batch)
+        if n == 1:
+            return loss_and_grads(trainable, st, x, y)
+        per = batch // n
+        views = x.reshape(3, n, per, *x.shape[1:]).swapaxes(0, 1)   # [n, 3, B/n, ...]
+        xs = views.reshape(n, 3 * per, *x.shape[1:])
+        ys = y.reshape(n, per)
+
+        # Unrolled, not a lax.scan: inside a loop XLA:CPU runs the convolutions through its
+        # generic emitter, 20x slower here than the library calls of straight-line code.
+        total, logits = None, []
+        for i in range(n):
+            (loss, (chunk_logits, _)), grads = loss_and_grads(trainable, st, xs[i], ys[i])
+            total = (loss, grads) if total is None else jax.tree.map(jnp.add, total,
+                                                                     (loss, grads))
+            logits.append(chunk_logits)
+        loss_sum, grad_sum = total
+        grads = jax.tree.map(lambda g: g / n, grad_sum)
+        return (loss_sum / n, (jnp.concatenate(logits), st.batch_stats)), grads
+
+    return grouped
 
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al.)

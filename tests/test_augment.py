@@ -240,3 +240,48 @@ def test_jsd_without_augmentation_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="data.jsd"):
         run.train_and_evaluate(smoke_config(train__steps=2, data__jsd=True), tmp_path)
+
+
+def _jsd_steps(monkeypatch, micro_batches, **overrides):
+    """Params and metrics after 3 JSD training steps of the smoke config (R = 2), with
+    `steps.jsd_micro_batches` replaced by `micro_batches`."""
+    from card_jax import steps, train
+    from tests.helpers import smoke_config
+
+    monkeypatch.setattr(steps, "jsd_micro_batches", micro_batches)
+    exp = train.build_experiment(smoke_config(data__augment="augmix", data__jsd=True,
+                                              **overrides))
+    compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
+    state = compiled.place_state(exp.state)
+    images, labels = compiled.place_data(exp.dataset.train_images,
+                                         exp.dataset.train_labels.astype(np.int32))
+    for _ in range(3):
+        state, metrics = compiled.train(state, images, labels)
+    return jax.device_get((state.params, metrics))
+
+
+def test_jsd_micro_batches_give_the_one_batch_step(monkeypatch, fast_compile):
+    """Without BatchNorm a JSD step runs in micro-batches of examples (their three views
+    together): the same loss, accuracy and updates as one batch of all 3B views."""
+    from card_jax import steps
+
+    assert [steps.jsd_micro_batches(b) for b in (128, 32, 100, 7, 2, 11)] == [4, 4, 4, 7, 1, 1]
+    params_one, metrics_one = _jsd_steps(monkeypatch, lambda batch: 1)
+    params_micro, metrics_micro = _jsd_steps(monkeypatch, lambda batch: 4)
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(metrics_micro[key], metrics_one[key], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params_micro, params_one)
+    differs = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                           params_micro, params_one))
+    assert any(differs)  # micro-batches did run (float32 sums in another order)
+
+
+def test_jsd_with_batchnorm_keeps_one_batch(monkeypatch, fast_compile):
+    """BatchNorm's statistics are taken over all three views, so they stay one batch."""
+    def refuse(batch):
+        raise AssertionError("a BatchNorm model must not be split into micro-batches")
+
+    params, metrics = _jsd_steps(monkeypatch, refuse, model__name="resnet18",
+                                 model__kw={"width": 4})
+    assert np.isfinite(metrics["loss"]).all()
