@@ -274,7 +274,7 @@ def _jsd_in_micro_batches(loss_and_grads: Callable) -> Callable:
     aug2 rows, in that order) is the same loss, and its gradient the mean of theirs (equal up
     to float32 summation order). Why: a [3B] batch runs 1.5x slower per image than [B] on
     XLA:CPU when its activations leave the caches (quarter-width Conv-4, B = 128: 649 ms for
-    a batch of 384 vs 142 ms for 128; benchmarks/README.md, section 11). With BatchNorm the
+    a batch of 384 vs 142 ms for 128; benchmarks/README.md, section 12). With BatchNorm the
     three views must stay one batch (its statistics are taken over all of them), so such
     models keep the single pass.
     """
