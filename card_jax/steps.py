@@ -261,8 +261,7 @@ def jsd_micro_batches(batch_size: int) -> int:
     """Micro-batches of a JSD step without BatchNorm: the smallest divisor of `batch_size`
     from 3 on (so that each holds at most `batch_size` images, its examples' three views),
     or 1 (one batch) when that exceeds JSD_MAX_MICRO_BATCHES."""
-    n = next((n for n in range(3, JSD_MAX_MICRO_BATCHES + 1) if batch_size % n == 0), 1)
-    return n if batch_size >= 3 else 1
+    return next((n for n in range(3, JSD_MAX_MICRO_BATCHES + 1) if batch_size % n == 0), 1)
 
 
 def _jsd_in_micro_batches(loss_and_grads: Callable) -> Callable:

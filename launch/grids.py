@@ -18,6 +18,7 @@ here, or a default in its config file) gives it a new workdir.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import os
@@ -68,21 +69,34 @@ def resolve_config(spec: str, overrides: Sequence[str]):
     return config
 
 
+@functools.lru_cache(maxsize=None)
+def resolved_dict(spec: str, overrides: tuple[str, ...]) -> dict:
+    """`resolve_config` as a plain dict, cached: a grid resolves each run once, and a level-0
+    source once for all the runs that copy from it. Callers must not modify it."""
+    from card_jax import config_util
+
+    return config_util.to_dict(resolve_config(spec, overrides))
+
+
 def main_job(opts: GridOptions, kind: str, prefix: str, spec: str, overrides: Sequence[str],
-             deps: Sequence[str] = (), folder: str = "runs") -> Job:
+             deps: Sequence[str] = (), folder: str = "runs",
+             check: Callable[[dict], None] | None = None) -> Job:
     """A `python -m card_jax.main` job (a training run or a deck), named by its resolved config.
 
-    Done when `W/results.json` exists: card_jax writes it last.
+    Done when `W/results.json` exists: card_jax writes it last. `check(resolved config dict)`,
+    if given, may refuse the job by raising.
     """
     from card_jax import config_util
 
     overrides = list(overrides)
     if opts.data_dir and kind == "train":
         overrides.append(f"--config.data.dir={opts.data_dir}")
-    config = resolve_config(spec, overrides)
-    prefix = prefix.format(model=config.model.name) if "model" in config else prefix
+    config = resolved_dict(spec, tuple(overrides))
+    if check is not None:
+        check(config)
+    prefix = prefix.format(model=config["model"]["name"]) if "model" in config else prefix
     # Keys added later are left out at their old value, so an existing sweep keeps its names.
-    named = config_util.without_added_defaults(config_util.to_dict(config))
+    named = config_util.without_added_defaults(config)
     name = jobs_lib.stable_name(prefix, {"kind": kind, "config": named}, opts.root)
     workdir = opts.root / folder / name
     argv = ("-m", "card_jax.main", f"--config={spec}", f"--workdir={workdir}", *overrides)
@@ -177,21 +191,22 @@ def shared_level0_job(opts: GridOptions, prefix: str, spec: str, overrides: Sequ
     (`level0.training_differences`): a config edit that makes the two trainings differ fails
     now, not after the source has trained.
     """
-    from card_jax import config_util, level0
+    from card_jax import level0
 
     source_spec = next(a.split("=", 1)[1] for a in source.argv if a.startswith("--config="))
-    source_overrides = [a for a in source.argv if a.startswith("--config.")]
-    data = [f"--config.data.dir={opts.data_dir}"] if opts.data_dir else []
-    changes = level0.training_differences(
-        config_util.to_dict(resolve_config(source_spec, source_overrides)),
-        config_util.to_dict(resolve_config(spec, [*overrides, *data])))
-    if changes:
-        raise ValueError(f"{spec}: its level 0 is not the training of the run it would copy "
-                         f"level 0 from ({source.name}); differences (source -> run):\n  "
-                         + "\n  ".join(changes))
+    source_config = resolved_dict(
+        source_spec, tuple(a for a in source.argv if a.startswith("--config.")))
+
+    def same_level0(config: dict) -> None:
+        changes = level0.training_differences(source_config, config)
+        if changes:
+            raise ValueError(f"{spec}: its level 0 is not the training of the run it would copy "
+                             f"level 0 from ({source.name}); differences (source -> run):\n  "
+                             + "\n  ".join(changes))
+
     return main_job(opts, "train", prefix, spec,
                     [*overrides, f"--config.method.level0_from={source.workdir}"],
-                    [*deps, source.name])
+                    [*deps, source.name], check=same_level0)
 
 
 # ----------------------------------------------------------------------------------------------
