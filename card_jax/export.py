@@ -143,7 +143,10 @@ class PackedModel:
         self._predict = jax.jit(self._logits)
 
     def _logits(self, params, batch_stats, x):
-        return state_lib.merge_model(self.graphdef, params, batch_stats)(x, train=False)
+        from card_jax import steps
+
+        return steps.inference_logits(state_lib.merge_model(self.graphdef, params, batch_stats),
+                                      x)
 
     def model(self):
         """The NNX module with the decoded weights (eval mode is `model(x, train=False)`)."""

@@ -36,6 +36,7 @@ from flax import nnx
 
 from card_jax import state as state_lib
 from card_jax.data import pipeline
+from card_jax.models import convolution
 from card_jax.pruning.base import Method, get_trainable, set_trainable
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,13 +87,22 @@ def forward(graphdef, method: Method, params, batch_stats, method_state, x, trai
     `dtype` (from `compute_dtype`): None computes in float32; bfloat16 runs the layers in
     bfloat16 and casts the logits back to float32.
     """
+    model = _merged_model(graphdef, method, params, batch_stats, method_state, dtype)
+    logits = _logits(model, x, True, dtype) if train else inference_logits(model, x, dtype)
+    return logits, state_lib.batch_stats_of(model)
+
+
+def _merged_model(graphdef, method: Method, params, batch_stats, method_state, dtype):
+    """The model with the method's effective weights, in compute dtype `dtype`."""
     model = state_lib.merge_model(graphdef, method.apply(params, method_state), batch_stats)
     if dtype is not None:
         _set_compute_dtype(model, dtype)
+    return model
+
+
+def _logits(model: nnx.Module, x: jax.Array, train: bool, dtype) -> jax.Array:
     logits = model(x, train=train)
-    if dtype is not None:
-        logits = logits.astype(jnp.float32)
-    return logits, state_lib.batch_stats_of(model)
+    return logits if dtype is None else logits.astype(jnp.float32)
 
 
 class TrainStepParts(NamedTuple):
@@ -305,6 +315,50 @@ def _jsd_in_micro_batches(loss_and_grads: Callable) -> Callable:
 
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al.)
+
+# On CPU an eval step's forward pass runs in slices of at most this many images (unrolled):
+# the full-width Conv-4 eval step at batch 1000 went from 0.37-0.48 to 0.77 of the matmul
+# peak (benchmarks/README.md, section 13). A whole-batch pass needs a 1 GB temporary buffer
+# that XLA:CPU allocates afresh (one mmap) on every call: page faults and transparent huge
+# page compaction cost 0.2-4.7 s of kernel time per call. Slices keep the buffer small
+# (67 MB) and the activations of one slice in cache.
+EVAL_MICRO_BATCH = 128
+
+
+def micro_batch_bounds(batch_size: int, most: int = EVAL_MICRO_BATCH) -> list[tuple[int, int]]:
+    """`[(start, stop), ...]`: `batch_size` rows as ceil(batch_size / most) consecutive
+    slices of near-equal size (at most two distinct sizes, so at most two compiled shapes
+    per layer): 1000 -> 8 x 125; 997 -> 5 x 125 + 3 x 124; 64 -> one slice."""
+    count = -(-batch_size // most)
+    base, extra = divmod(batch_size, count)
+    bounds, start = [], 0
+    for i in range(count):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def inference_logits(model: nnx.Module, x: jax.Array, dtype=None) -> jax.Array:
+    """Eval-mode logits `[B, classes]` float32 of `model` on `x` `[B, H, W, C]`.
+
+    One pass on accelerators. On CPU the slices of `micro_batch_bounds` (`EVAL_MICRO_BATCH`),
+    unrolled, with XLA's forward convolutions (`convolution.xla_forward_convolutions`): equal
+    to the one pass, since an eval-mode network treats every example on its own (BatchNorm
+    uses its running statistics). Not a `lax.map`: inside a loop XLA:CPU emits convolutions
+    with its generic loop emitter (0.58 instead of 0.78 of the matmul peak here).
+    """
+    def whole(x):
+        return _logits(model, x, False, dtype)
+
+    def in_slices(x):
+        with convolution.xla_forward_convolutions():
+            bounds = micro_batch_bounds(x.shape[0])
+            if len(bounds) == 1:
+                return whole(x)
+            return jnp.concatenate([whole(x[a:b]) for a, b in bounds])
+
+    return lax.platform_dependent(x, cpu=in_slices, default=whole)
 
 
 def make_eval_step(graphdef, method: Method, batch_size: int,

@@ -196,6 +196,33 @@ def test_xla_convolutions_context_traces_plain_lax():
     assert names(x, w) == ["custom_vjp_call"]
 
 
+def test_xla_forward_convolutions_keep_the_gradient_rules_and_the_tap_sum():
+    """Inside the context a 64-channel convolution traces XLA's forward (no im2col loop) and
+    still its im2col weight gradient; a grey first layer keeps its tap sum. Traced outside
+    first: JAX's trace cache must not hand the im2col forward to the context."""
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 64))
+    w = jax.random.normal(jax.random.key(9), (3, 3, 64, 64))
+    grey, w_grey = x[..., :1], w[:, :, :1, :16]
+
+    def text(fn, *args):  # a new function each time: make_jaxpr caches traces per function
+        return str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+    def forward(x, w):
+        return _ours(x, w, (1, 1), "SAME")
+
+    def weight_grad(x, w):
+        return jax.grad(lambda w: _ours(x, w, (1, 1), "SAME").sum())(w)
+
+    assert " scan[" in text(forward, x, w)  # the im2col forward's lax.map over chunks
+    with convolution.xla_forward_convolutions():
+        assert " scan[" not in text(forward, x, w)
+        assert " scan[" in text(weight_grad, x, w)  # the weight gradient's lax.scan
+        # The tap sum still sits behind its CPU/accelerator switch.
+        assert "platform_index" in text(forward, grey, w_grey)
+        assert "platform_index" not in text(forward, x, w)
+    assert " scan[" in text(forward, x, w)  # the same shapes traced again, outside
+
+
 @pytest.mark.parametrize("build", [
     # Full width: 64 and 128 channels, so every kind of pass takes im2col somewhere.
     lambda rngs: conv4(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,

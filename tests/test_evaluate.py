@@ -97,6 +97,40 @@ def test_a_set_smaller_than_the_eval_batch_is_not_padded_up_to_it():
     assert compiled.eval_step(16) is compiled.eval_step(16)
 
 
+def test_micro_batch_bounds():
+    assert steps.micro_batch_bounds(1000, 128) == [(125 * i, 125 * (i + 1)) for i in range(8)]
+    sizes = [b - a for a, b in steps.micro_batch_bounds(997, 128)]
+    assert sizes == [125] * 5 + [124] * 3
+    assert steps.micro_batch_bounds(64, 128) == [(0, 64)]
+    assert steps.micro_batch_bounds(129, 128) == [(0, 65), (65, 129)]
+    assert steps.micro_batch_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
+
+
+@pytest.mark.parametrize("batch", [300, 97])
+def test_inference_in_slices_equals_one_pass(batch):
+    """On CPU `inference_logits` runs slices of at most EVAL_MICRO_BATCH images with XLA's
+    forward convolutions; it gives the logits of one eval-mode pass over the whole batch
+    (BatchNorm with non-trivial running statistics, 64-channel layers that train by im2col)."""
+    import jax
+    from flax import nnx
+
+    from card_jax.models import convolution, resnet18
+
+    model = resnet18(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                     width=64, rngs=nnx.Rngs(0))
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.BatchNorm):
+            module.mean[...] = 0.1 * jax.random.normal(jax.random.key(1), module.mean.shape)
+            module.var[...] = 1.0 + jax.random.uniform(jax.random.key(2), module.var.shape)
+    x = jax.random.uniform(jax.random.key(3), (batch, 8, 8, 3))
+    graphdef, rest = nnx.split(model)
+    sliced = jax.jit(lambda r, x: steps.inference_logits(nnx.merge(graphdef, r), x))(rest, x)
+    with convolution.xla_convolutions():
+        one_pass = jax.jit(lambda r, x: nnx.merge(graphdef, r)(x, train=False))(rest, x)
+    assert len(steps.micro_batch_bounds(batch)) == (3 if batch == 300 else 1)
+    np.testing.assert_allclose(sliced, one_pass, rtol=1e-5, atol=1e-5)
+
+
 def test_ece_literal():
     # Two bins used: 3 examples at confidence 0.9 (2 correct), 1 at 0.55 (correct).
     count = np.zeros(15); conf = np.zeros(15); correct = np.zeros(15)

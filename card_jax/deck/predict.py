@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from card_jax import realizations
+from card_jax import realizations, steps
 from card_jax import state as state_lib
 from card_jax.data import pipeline
 
@@ -44,8 +44,7 @@ def member_logits(graphdef, params, batch_stats, x: jax.Array) -> jax.Array:
     """Logits `[B, classes]` of ONE member: effective params (masks/binarisation already
     applied), BatchNorm in eval mode with its running statistics; `x` float `[B, H, W, C]`
     in [0, 1] (the model normalises internally)."""
-    model = state_lib.merge_model(graphdef, params, batch_stats)
-    return model(x, train=False).astype(jnp.float32)
+    return steps.inference_logits(state_lib.merge_model(graphdef, params, batch_stats), x)
 
 
 def member_probs(graphdef, params, batch_stats, images: jax.Array, strategy: str,

@@ -102,6 +102,7 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
 
 
 _xla_only_depth = 0  # > 0 inside `xla_convolutions()`
+_xla_forward_depth = 0  # > 0 inside `xla_forward_convolutions()`
 
 
 @contextlib.contextmanager
@@ -118,6 +119,27 @@ def xla_convolutions() -> Iterator[None]:
         yield
     finally:
         _xla_only_depth -= 1
+
+
+@contextlib.contextmanager
+def xla_forward_convolutions() -> Iterator[None]:
+    """Within it, forward convolutions are XLA's where im2col would take them; the tap sum of
+    first layers stays (acts at TRACE time, like `xla_convolutions`).
+
+    For inference (`steps.inference_logits`): there XLA's forward convolution on slices of
+    at most 128 images is as fast as im2col, while the im2col loops of a sliced pass kept
+    ~0.8 GB of temporary buffers live (881 vs 80 MB for the full-width Conv-4 eval step at
+    batch 1000) that XLA:CPU maps afresh, with page faults, on every call: that step ran at
+    0.46 of the matmul peak with im2col and at 0.78 without (benchmarks/README.md, section
+    13). Training keeps the im2col forward (its activations are saved for the backward pass
+    anyway).
+    """
+    global _xla_forward_depth
+    _xla_forward_depth += 1
+    try:
+        yield
+    finally:
+        _xla_forward_depth -= 1
 
 
 def conv_general_dilated(
@@ -162,7 +184,7 @@ def conv_general_dilated(
             any(im2col_passes(lhs.shape[-1], rhs.shape[-1], strides))
             or uses_tap_sum(lhs.shape[-1])):
         return plain()
-    return conv2d(lhs, rhs, strides, pads, precision)
+    return conv2d(lhs, rhs, strides, pads, precision, _xla_forward_depth > 0)
 
 
 def im2col_passes(in_channels: int, out_channels: int,
@@ -191,16 +213,20 @@ def _is_nhwc_hwio(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
     return dn == _NHWC_HWIO
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int],
-           pads: tuple[tuple[int, int], tuple[int, int]], precision: Any = None) -> jax.Array:
+           pads: tuple[tuple[int, int], tuple[int, int]], precision: Any = None,
+           xla_forward: bool = False) -> jax.Array:
     """2-D convolution ``[B, H, W, C] * [kh, kw, C, O] -> [B, Ho, Wo, O]`` (NHWC, HWIO).
 
     Args:
       strides: ``(sy, sx)``.
       pads: explicit ``((top, bottom), (left, right))`` zero padding.
+      xla_forward: XLA's forward convolution (and input gradient) even where im2col would
+        take it (`xla_forward_convolutions`). An argument, not a global read inside: JAX
+        caches the traces of a custom_vjp function by its arguments.
     """
-    return _forward(x, w, strides, pads, precision)
+    return _forward(x, w, strides, pads, precision, xla_forward)
 
 
 def _xla_conv(x, w, strides, pads, precision):
@@ -208,13 +234,13 @@ def _xla_conv(x, w, strides, pads, precision):
                                     precision=precision)
 
 
-def _forward(x, w, strides, pads, precision):
+def _forward(x, w, strides, pads, precision, xla_forward):
     """XLA's convolution, or on CPU a tap sum or im2col products where those measured faster
     (`uses_tap_sum`, the first of `im2col_passes`; the input gradient calls it on the
     cotangent)."""
     if uses_tap_sum(x.shape[-1]):
         cpu = conv_tap_sum
-    elif im2col_passes(x.shape[-1], w.shape[-1], strides)[0]:
+    elif not xla_forward and im2col_passes(x.shape[-1], w.shape[-1], strides)[0]:
         cpu = conv_im2col
     else:
         return _xla_conv(x, w, strides, pads, precision)
@@ -224,11 +250,11 @@ def _forward(x, w, strides, pads, precision):
         default=functools.partial(_xla_conv, strides=strides, pads=pads, precision=precision))
 
 
-def _conv2d_fwd(x, w, strides, pads, precision):
-    return _forward(x, w, strides, pads, precision), (x, w)
+def _conv2d_fwd(x, w, strides, pads, precision, xla_forward):
+    return _forward(x, w, strides, pads, precision, xla_forward), (x, w)
 
 
-def _conv2d_bwd(strides, pads, precision, residuals, g):
+def _conv2d_bwd(strides, pads, precision, xla_forward, residuals, g):
     x, w = residuals
     kh, kw = w.shape[:2]
     # The input gradient of a stride-1 convolution is the convolution of the padded
@@ -236,7 +262,7 @@ def _conv2d_bwd(strides, pads, precision, residuals, g):
     flipped_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
     if strides == (1, 1) and all(p >= 0 for pair in flipped_pads for p in pair):
         dx = _forward(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), strides, flipped_pads,
-                      precision)
+                      precision, xla_forward)
     else:  # XLA's transposed convolution (lhs-dilated by the strides)
         _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, pads, precision), x)
         (dx,) = input_vjp(g)
