@@ -4,6 +4,7 @@ end on two tiny smoke runs (one AugMix, one Gaussian, R = 2 each, GMP at 80%).""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -140,6 +141,9 @@ def test_kdtree_and_brute_force_find_the_same_neighbours(references):
                     feats):
         brute = np.asarray(jax.jit(gate_lib.brute_force_distances)(references, queries))
         tree = gate_lib.KDTreeSearch(references).distances(queries)
+        for i in range(len(queries) if len(queries) == 3 else 0):  # the batch-mean layout
+            np.testing.assert_allclose(gate_lib.batch_query_distances(
+                references.transpose(0, 2, 1), queries[i:i + 1]), brute[i:i + 1], atol=1e-7)
         np.testing.assert_allclose(brute, tree, atol=1e-6)
         np.testing.assert_array_equal(brute.argmin(-1), tree.argmin(-1))
         for g in range(2):
@@ -158,6 +162,12 @@ def test_kdtree_and_brute_force_find_the_same_neighbours(references):
         choices = {nn: g(batch, valid) for nn, g in gates.items()}
         assert int(choices["brute"][0][0]) == int(choices["kdtree"][0][0]) == group
         np.testing.assert_allclose(choices["brute"][1], choices["kdtree"][1], atol=1e-6)
+        # The pure on-device gate agrees with the Gate's host-side choice.
+        choice, distances = jax.jit(functools.partial(
+            gate_lib.gate_scores, options=spectral.SpectrumOptions(), per_example=False))(
+                jnp.asarray(references), batch, valid)
+        assert choice.tolist() == choices["brute"][0].tolist() == [group]
+        np.testing.assert_allclose(distances, choices["brute"][1], atol=1e-7)
 
 
 def test_representatives_are_saved_and_reused_while_settings_match(tmp_path):

@@ -132,9 +132,11 @@ def radial_spectrum(images: jax.Array, options: SpectrumOptions = SpectrumOption
     images = images.astype(jnp.float32)
     n, height, width, _ = images.shape
     planes = _planes(images, options.grayscale)                       # [N, P, H, W]
-    magnitude = jnp.abs(jnp.fft.rfft2(planes))                        # [N, P, H, W//2+1]
-    values = (magnitude ** 2 if options.spectrum == "power"
-              else 20.0 * jnp.log10(1.0 + magnitude))
+    spectrum = jnp.fft.rfft2(planes)                                  # [N, P, H, W//2+1]
+    if options.spectrum == "power":  # re^2 + im^2: |z|^2 without a square root
+        values = spectrum.real ** 2 + spectrum.imag ** 2
+    else:
+        values = 20.0 * jnp.log10(1.0 + jnp.abs(spectrum))
     # Averaging per bin is one matmul with a constant matrix: a single dense op instead of
     # a scatter (segment_sum), exact for these sizes.
     averaging = jnp.asarray(_half_spectrum_averaging(height, width))
