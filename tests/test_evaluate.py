@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from card_jax import evaluate, run, steps, train
 from card_jax.data import corruption_sets
+from card_jax.models import convolution, resnet18
 from tests.helpers import smoke_config
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -106,18 +109,14 @@ def test_micro_batch_bounds():
     assert steps.micro_batch_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
 
 
-@pytest.mark.parametrize("batch", [300, 97])
-def test_inference_in_slices_equals_one_pass(batch):
-    """On CPU `inference_logits` runs slices of at most EVAL_MICRO_BATCH images with XLA's
-    forward convolutions; it gives the logits of one eval-mode pass over the whole batch
-    (BatchNorm with non-trivial running statistics, 64-channel layers that train by im2col)."""
-    import jax
-    from flax import nnx
-
-    from card_jax.models import convolution, resnet18
-
+def test_inference_in_slices_equals_one_pass():
+    """On CPU `inference_logits` runs slices of at most EVAL_MICRO_BATCH images (here 87, 87
+    and 86) with XLA's forward convolutions; it gives the logits of one eval-mode pass over
+    the whole batch (BatchNorm with non-trivial running statistics; the third stage's
+    64-channel layers are ones that train by im2col)."""
+    batch = 260
     model = resnet18(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
-                     width=64, rngs=nnx.Rngs(0))
+                     width=16, rngs=nnx.Rngs(0))
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.BatchNorm):
             module.mean[...] = 0.1 * jax.random.normal(jax.random.key(1), module.mean.shape)
@@ -127,7 +126,7 @@ def test_inference_in_slices_equals_one_pass(batch):
     sliced = jax.jit(lambda r, x: steps.inference_logits(nnx.merge(graphdef, r), x))(rest, x)
     with convolution.xla_convolutions():
         one_pass = jax.jit(lambda r, x: nnx.merge(graphdef, r)(x, train=False))(rest, x)
-    assert len(steps.micro_batch_bounds(batch)) == (3 if batch == 300 else 1)
+    assert len(steps.micro_batch_bounds(batch)) == 3
     np.testing.assert_allclose(sliced, one_pass, rtol=1e-5, atol=1e-5)
 
 
