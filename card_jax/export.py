@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from card_jax import config_util
+from card_jax import config_util, steps
 from card_jax import state as state_lib
 
 _WORKDIR = None
@@ -143,8 +143,6 @@ class PackedModel:
         self._predict = jax.jit(self._logits)
 
     def _logits(self, params, batch_stats, x):
-        from card_jax import steps
-
         return steps.inference_logits(state_lib.merge_model(self.graphdef, params, batch_stats),
                                       x)
 

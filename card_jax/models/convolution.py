@@ -223,8 +223,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int],
       strides: ``(sy, sx)``.
       pads: explicit ``((top, bottom), (left, right))`` zero padding.
       xla_forward: XLA's forward convolution (and input gradient) even where im2col would
-        take it (`xla_forward_convolutions`). An argument, not a global read inside: JAX
-        caches the traces of a custom_vjp function by its arguments.
+        take it (`xla_forward_convolutions`). An argument rather than a global read at
+        trace time, so that the choice is part of the call JAX traces and caches.
     """
     return _forward(x, w, strides, pads, precision, xla_forward)
 

@@ -59,8 +59,8 @@ def init_weights(params: Any, prunable: Any, key: jax.Array, init: str,
       'kaiming_normal': N(0, 2 / fan_in), drawn from `key`.
       'model': keep the model's initialisation.
     scale_fan: fan_in <- fan_in (1 - sparsity), the kept fan-in ("scaled Kaiming", Ramanujan
-      et al. §4). The reference code multiplies by (1 - prune_rate) with prune_rate the KEPT
-      fraction (SPEC §2(d)); this implements the paper's stated intent. Off by default.
+      et al. §4). The reference code scales by one minus its rate argument, which there is the
+      KEPT fraction (SPEC §2(d)); this implements the paper's stated intent. Off by default.
     """
     if init not in ("signed_constant", "kaiming_normal", "model"):
         raise ValueError(f"init must be signed_constant, kaiming_normal or model, got {init!r}")
@@ -219,7 +219,8 @@ def edge_popup(
 ) -> Method:
     """Edge-popup: W_eff = W * TopK(|s|), W frozen, only the scores s train (straight-through).
 
-    `sparsity` = fraction removed (hidden-networks' prune_rate = 1 - sparsity, SPEC §2(d)).
+    `sparsity` = fraction removed (hidden-networks' rate argument is the kept fraction,
+    1 - sparsity; SPEC §2(d)).
     scope 'layerwise' keeps keep_count(numel, sparsity) per layer (hidden-networks); 'global'
     one ranking over all layers with biprop's warm-up (`warmup_epochs`, only when sparsity
     >= 0.5; epochs converted with `steps_per_epoch`, which `pruning.from_config` supplies).
