@@ -111,6 +111,85 @@ def test_chunking_does_not_change_results(chunk_bytes):
         vjp(g)[0], rtol=1e-5, atol=1e-4)
 
 
+def test_width_taps_by_hand():
+    """One 1x3 image, two channels, kernel width 2 with one pixel of padding on each side:
+    row (r, x) holds pixels x and x + 1 of the padded row r, channels side by side."""
+    x = jnp.array([[[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]]]).reshape(1, 1, 3, 2)
+    x_pad = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))  # [1, 1, 5, 2]
+    np.testing.assert_array_equal(convolution.width_taps(x_pad, 2, 4, 1), [
+        [0.0, 0.0, 1.0, 10.0], [1.0, 10.0, 2.0, 20.0], [2.0, 20.0, 3.0, 30.0],
+        [3.0, 30.0, 0.0, 0.0]])
+    # Stride 2 along the width: windows at x = 0 and 2 of the padded row.
+    np.testing.assert_array_equal(convolution.width_taps(x_pad, 2, 2, 2), [
+        [0.0, 0.0, 1.0, 10.0], [2.0, 20.0, 3.0, 30.0]])
+
+
+def test_row_taps_by_hand():
+    """Two 2x2 images (a chunk of 2: rows straddling them must not leak into either)."""
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0], [100.0, 200.0], [300.0, 400.0]]).reshape(2, 2, 2, 1)
+    ones = jnp.ones((3, 3, 1, 1))
+    y = convolution.conv_row_taps(x, ones, strides=(1, 1), pads=((1, 1), (1, 1)),
+                                  chunk_bytes=10**9)
+    np.testing.assert_array_equal(y[..., 0], [[[10.0, 10.0], [10.0, 10.0]],
+                                              [[1000.0, 1000.0], [1000.0, 1000.0]]])
+    # Only the bottom-right tap: output (y, x) reads input (y + 1, x + 1), zero outside.
+    corner = jnp.zeros((3, 3, 1, 1)).at[2, 2, 0, 0].set(1.0)
+    y = convolution.conv_row_taps(x, corner, strides=(1, 1), pads=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(y[..., 0], [[[4.0, 0.0], [0.0, 0.0]],
+                                              [[400.0, 0.0], [0.0, 0.0]]])
+    # Weight gradient of a 2x2 VALID kernel on one 2x2 image: dL/dw[i, j] = g * x[i, j],
+    # summed over both images.
+    g = jnp.array([10.0, 1.0]).reshape(2, 1, 1, 1)
+    dw = convolution.weight_grad_row_taps(x, g, kernel_shape=(2, 2, 1, 1), strides=(1, 1),
+                                          pads=((0, 0), (0, 0)), chunk_bytes=10**9)
+    np.testing.assert_array_equal(dw[..., 0, 0], [[110.0, 220.0], [330.0, 440.0]])
+
+
+@pytest.mark.parametrize("batch,size,c,o,k,stride_x,pads,chunk_bytes", [
+    (4, 9, 5, 3, 3, 1, ((1, 1), (1, 1)), 1),  # one image per chunk
+    (4, 9, 5, 3, 3, 1, ((1, 1), (1, 1)), 10**9),  # the whole batch in one chunk
+    (3, 8, 4, 6, 3, 2, ((2, 0), (0, 1)), 10**9),  # asymmetric padding, horizontal stride
+    (2, 7, 3, 2, 1, 1, ((0, 0), (0, 0)), 10**9),  # 1x1 kernel
+    (6, 6, 2, 3, 5, 1, ((2, 2), (2, 2)), 3000),  # 5x5 kernel, chunks of 2 images
+])
+def test_row_taps_match_xla(batch, size, c, o, k, stride_x, pads, chunk_bytes):
+    kx, kw, kg = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (batch, size, size, c))
+    w = jax.random.normal(kw, (k, k, c, o))
+    want, vjp = jax.vjp(lambda w: _xla(x, w, (1, stride_x), pads), w)
+    got = convolution.conv_row_taps(x, w, strides=(1, stride_x), pads=pads,
+                                    chunk_bytes=chunk_bytes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, want.shape)
+    dw = convolution.weight_grad_row_taps(x, g, kernel_shape=w.shape, strides=(1, stride_x),
+                                          pads=pads, chunk_bytes=chunk_bytes)
+    np.testing.assert_allclose(dw, vjp(g)[0], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="vertical stride"):
+        convolution.conv_row_taps(x, w, strides=(2, 1), pads=pads)
+
+
+def test_large_images_take_row_taps_in_the_forward_pass(monkeypatch):
+    """The forward pass (and stride-1 input gradient) of a 64-channel layer goes through row
+    taps from `ROW_TAPS_FORWARD_MIN_PIXELS` output pixels, im2col below; both match XLA."""
+    x = jax.random.normal(jax.random.key(8), (2, 8, 8, 64))
+    w = jax.random.normal(jax.random.key(9), (3, 3, 64, 48))
+    want, xla_vjp = jax.vjp(lambda x, w: _xla(x, w, (1, 1), "SAME"), x, w)
+    g = jax.random.normal(jax.random.key(10), want.shape)
+    for min_pixels, used in [(64, "conv_row_taps"), (65, "conv_im2col")]:
+        monkeypatch.setattr(convolution, "ROW_TAPS_FORWARD_MIN_PIXELS", min_pixels)
+        calls = []
+        real = getattr(convolution, used)
+        monkeypatch.setattr(convolution, used,
+                            lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+        got, our_vjp = jax.vjp(lambda x, w: _ours(x, w, (1, 1), "SAME"), x, w)
+        grads = our_vjp(g)
+        assert len(calls) == 2, (used, calls)  # the forward pass and the input gradient
+        monkeypatch.setattr(convolution, used, real)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        for mine, ref in zip(grads, xla_vjp(g)):
+            np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_im2col_passes_follow_the_channel_rules():
     assert convolution.im2col_passes(64, 64, (1, 1)) == (True, True, True)
     assert convolution.im2col_passes(128, 128, (1, 1)) == (False, False, True)

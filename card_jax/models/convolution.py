@@ -19,6 +19,13 @@ im2col matrix products taken a few images at a time:
   the cotangent with the flipped, in/out-swapped kernel (same channel rule, on ``O``).
   Strided input gradients stay XLA's transposed convolutions.
 
+Where the vertical stride is 1 and the images are large enough
+(`ROW_TAPS_FORWARD_MIN_PIXELS`, `ROW_TAPS_WEIGHT_GRAD_MIN_PIXELS`), the forward pass and the
+weight gradient take **row taps** instead of the full patch matrix: only the ``kw`` taps
+along the width are copied side by side (``width_taps``, a third of the patches of a 3x3
+kernel), and the ``kh`` taps along the height become row offsets of that matrix, applied on
+the product's side (:func:`conv_row_taps`, :func:`weight_grad_row_taps`).
+
 The forward pass of a convolution over at most ``TAP_SUM_MAX_CHANNELS`` input channels (a
 first layer on grey images) is instead a fused sum of shifted, scaled input copies
 (:func:`conv_tap_sum`).
@@ -82,6 +89,18 @@ CHUNK_BYTES = 5 << 19  # 2.5 MB
 IM2COL_WEIGHT_GRAD_MIN_CHANNELS = 64
 IM2COL_FORWARD_CHANNELS = range(33, 65)
 MIN_CHUNK_IMAGES = 2
+
+# Row taps (`conv_row_taps`, `weight_grad_row_taps`): where a pass takes im2col and the
+# vertical stride is 1, only the kw taps along the width are copied side by side
+# ([k * Hp * Wo, kw * C], a third of the full patch matrix for 3x3 kernels), and the kh taps
+# along the height are row offsets of that matrix: kh products, no copies. Measured inside the
+# full-width Conv-4 training step (batch 128, 5-7 interleaved rounds, benchmarks/README.md
+# section 14), the weight gradient this way is faster in every layer; the forward pass only
+# on large images: 32x32 64->64 fell from 104-127 to 85-92 ms, while 16x16 64->128 rose from
+# 40-42 to 48-57 ms (more wasted rows and shorter products). So the forward pass uses row
+# taps from this many output pixels per image, im2col below.
+ROW_TAPS_FORWARD_MIN_PIXELS = 1024
+ROW_TAPS_WEIGHT_GRAD_MIN_PIXELS = 256
 
 # The forward pass of a convolution with at most this many input channels (a network's
 # first layer on grey images) is a sum of kh * kw * C shifted, scaled copies of the input
@@ -241,7 +260,8 @@ def _forward(x, w, strides, pads, precision, xla_forward):
     if uses_tap_sum(x.shape[-1]):
         cpu = conv_tap_sum
     elif not xla_forward and im2col_passes(x.shape[-1], w.shape[-1], strides)[0]:
-        cpu = conv_im2col
+        ho, wo = _output_size(x.shape[1:3], w.shape[:2], strides, pads)
+        cpu = conv_row_taps if ho * wo >= ROW_TAPS_FORWARD_MIN_PIXELS else conv_im2col
     else:
         return _xla_conv(x, w, strides, pads, precision)
     return lax.platform_dependent(
@@ -273,10 +293,13 @@ def _conv2d_bwd(strides, pads, precision, xla_forward, residuals, g):
 
     if not im2col_passes(*w.shape[2:], strides)[2]:
         return dx, xla_weight_grad(x, g)
+    ho, wo = g.shape[1:3]
+    row_taps = strides[0] == 1 and ho * wo >= ROW_TAPS_WEIGHT_GRAD_MIN_PIXELS
+    cpu = weight_grad_row_taps if row_taps else weight_grad_im2col
     dw = lax.platform_dependent(
         x, g,
-        cpu=functools.partial(weight_grad_im2col, kernel_shape=w.shape, strides=strides,
-                              pads=pads, precision=precision),
+        cpu=functools.partial(cpu, kernel_shape=w.shape, strides=strides, pads=pads,
+                              precision=precision),
         default=xla_weight_grad)
     return dx, dw
 
@@ -410,3 +433,111 @@ def weight_grad_im2col(x: jax.Array, g: jax.Array, *, kernel_shape: tuple[int, .
 
     total, _ = lax.scan(accumulate, jnp.zeros((kh * kw * c, o), jnp.float32), (xs, gs))
     return total.reshape(kh, kw, c, o).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row taps: im2col along the width only (vertical stride 1)
+
+def width_taps(x_pad: jax.Array, kw: int, out_width: int, stride_x: int) -> jax.Array:
+    """``[k, Hp, Wp, C] -> [k * Hp * Wo, kw * C]``: row ``(b, r, x)`` holds the ``kw`` pixels
+    at ``(r, s_x * x + j)``, ``j = 0 .. kw - 1``, of the padded input (taps, then C).
+
+    Every padded row ``r`` is kept, so the kh taps along the height of output pixel
+    ``(b, y, x)`` are rows ``((b * Hp + y + i) * Wo + x)``: the rows of output row 0 shifted
+    by ``i * Wo``.
+    """
+    k, hp, _, c = x_pad.shape
+    cols = [x_pad[:, :, j:j + stride_x * (out_width - 1) + 1:stride_x, :] for j in range(kw)]
+    taps = cols[0] if kw == 1 else jnp.concatenate(cols, axis=-1)
+    return taps.reshape(k * hp * out_width, kw * c)
+
+
+def _row_tap_layout(x_shape, kernel_shape, strides, pads, chunk_bytes, itemsize):
+    """(k images per chunk, padded height Hp, (Ho, Wo), n product rows per chunk).
+
+    The k padded images of a chunk are stacked into one image of height k * Hp; its
+    ``k * Hp - kh + 1`` valid output rows include ``kh - 1`` rows straddling each pair of
+    neighbouring images, computed and thrown away (6% of the products at 32x32, 3x3).
+    """
+    kh, kw, c, _ = kernel_shape
+    b, h, w, _ = x_shape
+    if strides[0] != 1:
+        raise ValueError(f"row taps need a vertical stride of 1, got {strides}")
+    ho, wo = _output_size((h, w), (kh, kw), strides, pads)
+    hp = h + pads[0][0] + pads[0][1]
+    # The chunk size im2col would take: the products stream the same rows.
+    k = chunk_images(b, ho * wo * kh * kw * c * itemsize, chunk_bytes)
+    return k, hp, (ho, wo), (k * hp - kh + 1) * wo
+
+
+def conv_row_taps(x: jax.Array, w: jax.Array, *, strides: tuple[int, int],
+                  pads: tuple[tuple[int, int], tuple[int, int]], precision: Any = None,
+                  chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """The forward convolution of :func:`conv2d` for a vertical stride of 1, as row taps.
+
+    ``x`` ``[B, H, W, C]``, ``w`` ``[kh, kw, C, O]`` -> ``[B, Ho, Wo, O]``: per chunk of k
+    images (``lax.map``), with ``T = width_taps(x_pad)`` ``[k * Hp * Wo, kw * C]``, one
+    product with the kh kernel rows side by side, then shifted sums of its column blocks:
+
+        Z = T @ [w[0] | ... | w[kh - 1]]          (w[i] reshaped to [kw * C, O])
+        out[r] = sum_i Z[r + i * Wo, i * O : (i + 1) * O]
+
+    The shifts are taken on the product (one fused sum over an output-sized array) rather
+    than on ``T``, whose shifted row ranges XLA would otherwise copy for each product.
+    Each image keeps its ``Ho`` output rows.
+    """
+    kh, kw, c, o = w.shape
+    b = x.shape[0]
+    k, hp, (ho, wo), n = _row_tap_layout(x.shape, w.shape, strides, pads, chunk_bytes,
+                                         x.dtype.itemsize)
+    w_side_by_side = w.reshape(kh, kw * c, o).transpose(1, 0, 2).reshape(kw * c, kh * o)
+    dtype = jnp.result_type(x.dtype, w.dtype)
+
+    def chunk_output(x_chunk):
+        taps = width_taps(_pad(x_chunk, pads), kw, wo, strides[1])
+        z = lax.dot(taps, w_side_by_side, precision=precision,
+                    preferred_element_type=jnp.float32)                    # [k Hp Wo, kh O]
+        total = sum(z[i * wo:i * wo + n, i * o:(i + 1) * o] for i in range(kh))
+        rows = jnp.pad(total, ((0, k * hp * wo - n), (0, 0))).reshape(k, hp, wo, o)
+        return rows[:, :ho].astype(dtype)
+
+    return lax.map(chunk_output, x.reshape(b // k, k, *x.shape[1:])).reshape(b, ho, wo, o)
+
+
+def weight_grad_row_taps(x: jax.Array, g: jax.Array, *, kernel_shape: tuple[int, ...],
+                         strides: tuple[int, int],
+                         pads: tuple[tuple[int, int], tuple[int, int]], precision: Any = None,
+                         chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """Weight gradient of :func:`conv2d` for a vertical stride of 1, as row taps.
+
+    Per chunk (``lax.scan``), with ``T`` as in :func:`conv_row_taps` and ``G`` the chunk's
+    cotangent ``[k, Ho, Wo, O]`` laid out on the ``k * Hp`` stacked rows (zeros on the rows
+    that straddle two images), ``dW[i] = sum_r G[r]^T T[r + i * Wo]``. The shift again goes
+    to the smaller operand: ``G_i`` is ``G`` moved down by ``i * Wo`` rows, and one product
+
+        [G_0 | ... | G_{kh-1}]^T @ T               ([kh * O, kw * C])
+
+    gives every kernel row.
+
+    Returns ``[kh, kw, C, O]`` in ``x``'s dtype, accumulated in float32.
+    """
+    kh, kw, c, o = kernel_shape
+    b = x.shape[0]
+    k, hp, (ho, wo), n = _row_tap_layout(x.shape, kernel_shape, strides, pads, chunk_bytes,
+                                         x.dtype.itemsize)
+    rows = k * hp * wo
+
+    def accumulate(total, chunk):
+        x_chunk, g_chunk = chunk
+        taps = width_taps(_pad(x_chunk, pads), kw, wo, strides[1])           # [rows, kw C]
+        g_rows = jnp.pad(g_chunk, ((0, 0), (0, hp - ho), (0, 0), (0, 0)))
+        g_rows = g_rows.reshape(rows, o)[:n]                                 # [n, O]
+        shifted = jnp.concatenate([jnp.pad(g_rows, ((i * wo, rows - n - i * wo), (0, 0)))
+                                   for i in range(kh)], axis=1)              # [rows, kh O]
+        return total + lax.dot_general(shifted, taps, (((0,), (0,)), ((), ())),
+                                       precision=precision,
+                                       preferred_element_type=jnp.float32), None
+
+    total, _ = lax.scan(accumulate, jnp.zeros((kh * o, kw * c), jnp.float32),
+                        (x.reshape(b // k, k, *x.shape[1:]), g.reshape(b // k, k, ho, wo, o)))
+    return total.reshape(kh, o, kw, c).transpose(0, 2, 3, 1).astype(x.dtype)
