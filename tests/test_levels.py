@@ -76,7 +76,7 @@ def test_pruning_realizations_equal_separate_runs(tmp_path):
                                    atol=1e-6, err_msg=key)
 
 
-def test_bn_recalibration_changes_only_statistics(tmp_path):
+def test_bn_recalibration_changes_only_statistics(tmp_path, fast_compile):
     base = dict(model__name="vgg11", method__name="bp", method__scope="layerwise",
                 method__sparsity=0.5, train__steps=4)
     config = smoke_config(**base)

@@ -98,8 +98,13 @@ def test_forward_shapes_and_state_layout(name):
             kwargs["image_size"] = shape[1]
         model = _build(name, in_channels=shape[-1], **kwargs)
         x = _images(shape)
+        graphdef, state = nnx.split(model)
+        # One compiled forward per mode: run eagerly, every op of a ResNet-50 compiled on
+        # its own (25 s for this test alone).
+        forward = jax.jit(lambda state, x, train: nnx.merge(graphdef, state)(x, train=train),
+                          static_argnums=2)
         for train in (True, False):
-            y = model(x, train=train)
+            y = forward(state, x, train)
             assert y.shape == (shape[0], NUM_CLASSES)
             assert y.dtype == jnp.float32
             assert bool(jnp.all(jnp.isfinite(y)))
