@@ -93,12 +93,12 @@ MIN_CHUNK_IMAGES = 2
 # Row taps (`conv_row_taps`, `weight_grad_row_taps`): where a pass takes im2col and the
 # vertical stride is 1, only the kw taps along the width are copied side by side
 # ([k * Hp * Wo, kw * C], a third of the full patch matrix for 3x3 kernels), and the kh taps
-# along the height are row offsets of that matrix: kh products, no copies. Measured inside the
-# full-width Conv-4 training step (batch 128, 5-7 interleaved rounds, benchmarks/README.md
-# section 14), the weight gradient this way is faster in every layer; the forward pass only
+# along the height are row offsets, applied on the product's side: one product per chunk.
+# Per layer alone (batch 128, benchmarks/README.md section 14) the forward pass gains only
 # on large images: 32x32 64->64 fell from 104-127 to 85-92 ms, while 16x16 64->128 rose from
-# 40-42 to 48-57 ms (more wasted rows and shorter products). So the forward pass uses row
-# taps from this many output pixels per image, im2col below.
+# 40-42 to 48-57 ms (more wasted rows straddling images). The weight gradient gains from
+# 16x16: with row taps on 8x8 and 4x4 layers too, the Conv-8 step was 0.989 of im2col's time
+# instead of 0.954. Below these output pixels per image, im2col.
 ROW_TAPS_FORWARD_MIN_PIXELS = 1024
 ROW_TAPS_WEIGHT_GRAD_MIN_PIXELS = 256
 
