@@ -170,6 +170,24 @@ def test_kdtree_and_brute_force_find_the_same_neighbours(references):
         np.testing.assert_allclose(distances, choices["brute"][1], atol=1e-7)
 
 
+
+def test_nearest_is_exact_for_queries_beside_representatives():
+    """Queries 1e-6 from a representative, in a cluster of 40 points within 1e-5 of each
+    other: float32 rounding of an expanded-form distance (~1e-8 in d^2) cannot separate them,
+    the differences can. 200 queries span several chunks of `nearest` (padding included)."""
+    rng = np.random.RandomState(3)
+    centre = rng.rand(23)
+    refs = np.concatenate([centre + 1e-5 * rng.standard_normal((40, 23)), rng.rand(4960, 23)])
+    refs = (refs / np.linalg.norm(refs, axis=-1, keepdims=True)).astype(np.float32)
+    picks = rng.choice(40, 200)
+    queries = (refs[picks] + 1e-6 * rng.standard_normal((200, 23))).astype(np.float32)
+    assert 200 > spectral.DIRECT_ELEMENTS // (5000 * 23) > 1  # the chunked path runs
+    distance, index = jax.jit(spectral.nearest)(jnp.asarray(refs), jnp.asarray(queries))
+    exact = np.linalg.norm(refs.astype(np.float64)[None] - queries.astype(np.float64)[:, None],
+                           axis=-1)
+    np.testing.assert_array_equal(np.asarray(index), exact.argmin(-1))
+    np.testing.assert_allclose(np.asarray(distance), exact.min(-1), rtol=1e-3, atol=1e-8)
+
 def test_representatives_are_saved_and_reused_while_settings_match(tmp_path):
     images = (np.random.RandomState(3).rand(50, 16, 16, 3) * 255).astype(np.uint8)
     calls = []

@@ -7,7 +7,7 @@ the group's representatives `[P, D]`. At test time a batch of M = 100 images goe
 whose nearest representative is closest to the batch's mean feature (`spectral.d_ss`).
 
 Two exact nearest-neighbour searches give the same answer: brute force on device (default,
-`nn="brute"`: one `[G, P, D]` array, one matmul per group plus an exact re-ranking) and
+`nn="brute"`: one `[G, P, D]` array, every distance computed, in chunks of queries) and
 scipy's `cKDTree` on the host (`nn="kdtree"`, the paper's structure).
 
 The pure functions (`gate_scores`, `choose`) are jittable; `representative_features` runs

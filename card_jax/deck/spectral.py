@@ -32,8 +32,7 @@ import numpy as np
 GRAYSCALE = ("mean", "luminance", "per_channel")
 SPECTRA = ("power", "log_magnitude")
 _LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
-CANDIDATES = 16  # nearest-neighbour candidates re-ranked by exact distance (`nearest`)
-DIRECT_ELEMENTS = 1 << 22  # up to this many Q*P*D differences, `nearest` computes them all
+DIRECT_ELEMENTS = 1 << 22  # Q*P*D differences per chunk of `nearest` (16 MB of float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,33 +190,33 @@ def nearest(reference_features: jax.Array, queries: jax.Array) -> tuple[jax.Arra
       queries: `[Q, D]`.
     Returns (distance float32 `[Q]`, index int32 `[Q]`).
 
-    Up to DIRECT_ELEMENTS differences (the paper's batch gating: Q = 1, P = 5000) every
-    ||r - q|| is computed as is. Beyond (per-example gating), candidates are the
-    `CANDIDATES` smallest ||r - c||^2 - 2 (r - c).(q - c), c the representatives' mean (one
-    matmul, `[Q, P]`), and only their distances are recomputed from the differences: the
-    expanded form alone loses digits when r and q are close (~1e-7 of the spread squared in
-    d^2), while the answer must agree with a KD-tree's exact search to ~1e-6. A true nearest
-    neighbour misses the candidates only if more than CANDIDATES points tie with it to that
-    rounding, and then any of them is as near to ~1e-6.
+    Every ||r - q|| is computed from the differences, in chunks of queries of at most
+    DIRECT_ELEMENTS differences each (`lax.map`: bounded memory, one compiled body). The
+    expanded form ||r||^2 - 2 r.q + ||q||^2 as one matmul is ~2x faster here but not exact: its
+    float32 rounding (~1e-8 in d^2 for unit features) exceeds the gaps between near neighbours
+    when a query lies within ~1e-4 of several representatives, and an error of e in d^2 is
+    sqrt(e) in d near 0: a shortlist taken from it missed the true neighbour of a
+    per-example query by 6e-6 against the KD-tree's answer (tests/test_deck.py).
     """
-    num_queries, num_refs = queries.shape[0], reference_features.shape[0]
-    if num_queries * num_refs * queries.shape[1] <= DIRECT_ELEMENTS:
-        diffs = reference_features[None, :, :] - queries[:, None, :]        # [Q, P, D]
-        distances = jnp.sqrt(jnp.sum(diffs * diffs, -1))                    # [Q, P]
-        index = jnp.argmin(distances, axis=-1)
-        return jnp.take_along_axis(distances, index[:, None], -1)[:, 0], index.astype(jnp.int32)
-    # Centred on the representatives' mean, the expanded form's rounding error scales with
-    # the spread of the points rather than with their norm (unit vectors that may all sit
-    # within 1e-3 of each other).
-    centre = reference_features.mean(0)
-    refs, qs = reference_features - centre, queries - centre
-    scores = jnp.sum(refs ** 2, -1)[None, :] - 2.0 * qs @ refs.T                # [Q, P]
-    _, candidates = jax.lax.top_k(-scores, min(CANDIDATES, num_refs))      # [Q, k]
-    diffs = reference_features[candidates] - queries[:, None, :]            # [Q, k, D]
-    distances = jnp.sqrt(jnp.sum(diffs * diffs, -1))                        # [Q, k]
-    best = jnp.argmin(distances, axis=-1)
-    index = jnp.take_along_axis(candidates, best[:, None], -1)[:, 0].astype(jnp.int32)
-    return jnp.take_along_axis(distances, best[:, None], -1)[:, 0], index
+    num_refs, dim = reference_features.shape
+    chunk = max(1, DIRECT_ELEMENTS // (num_refs * dim))
+    num_queries = queries.shape[0]
+    if num_queries <= chunk:  # the paper's batch gating: Q = 1
+        return _nearest_direct(reference_features, queries)
+    num_chunks = -(-num_queries // chunk)
+    padded = jnp.pad(queries, ((0, num_chunks * chunk - num_queries), (0, 0)))
+    distances, index = jax.lax.map(functools.partial(_nearest_direct, reference_features),
+                                   padded.reshape(num_chunks, chunk, dim))
+    return distances.reshape(-1)[:num_queries], index.reshape(-1)[:num_queries]
+
+
+def _nearest_direct(reference_features: jax.Array, queries: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """`nearest` for one chunk: all `[Q, P, D]` differences at once."""
+    diffs = reference_features[None, :, :] - queries[:, None, :]            # [Q, P, D]
+    distances = jnp.sqrt(jnp.sum(diffs * diffs, -1))                        # [Q, P]
+    index = jnp.argmin(distances, axis=-1)
+    return jnp.take_along_axis(distances, index[:, None], -1)[:, 0], index.astype(jnp.int32)
 
 
 def nearest_distance(reference_features: jax.Array, queries: jax.Array) -> jax.Array:
