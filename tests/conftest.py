@@ -17,7 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (`helpers.cli_env` copies the environment): many tests train the same smoke configs in
 # separate processes, and compiling their steps dominates the suite's time on 2 CPUs. A fresh
 # directory per session, so nothing carries over between runs (as `launch.sweep` does for a
-# sweep); a cache the caller set is kept.
+# sweep); a cache the caller set is kept. pytest-xdist's workers inherit the directory: the
+# controller imports this file before it starts them, so they all share one cache.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _cache = tempfile.mkdtemp(prefix="card_jax_test_jax_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
