@@ -115,8 +115,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from card_jax import malloc
+    from card_jax import entry
 
-    malloc.reexec_if_untuned()  # XLA:CPU buffers without page faults (card_jax/malloc.py)
+    entry.prepare()  # XLA:CPU flags and malloc tunables for this machine (card_jax/entry.py)
     _define_flags()
     app.run(main)

@@ -5,12 +5,15 @@ import os
 import shutil
 import tempfile
 
-from card_jax import malloc
+from card_jax import malloc, xla_flags
 
 # The CLI runs the tests start get the glibc malloc tunables that spare XLA:CPU a page fault
 # per 4 kB of every step's buffers (card_jax/malloc.py) without re-executing themselves.
 # pytest itself is not restarted: its output capture already holds stdout/stderr here.
 os.environ.update(malloc.tuned_environ(os.environ))
+# The XLA:CPU flags the entry points add on this CPU (card_jax/xla_flags.py), so that tests
+# compile what the CLI compiles; set before JAX creates its backend.
+xla_flags.apply()
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, inherited by the CLI runs the tests start

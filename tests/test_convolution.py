@@ -234,8 +234,10 @@ def test_vmap_over_kernels_matches_per_kernel():
     for r in range(3):
         want = jax.grad(lambda x, w: jnp.sum(_xla(x, w, (1, 1), "SAME") ** 2),
                         argnums=(0, 1))(x[r], w[r])
+        # Gradients of a sum of squares of 576-term sums: float32 summation order alone moves
+        # them by up to ~1e-4 relative (7.5e-5 seen against XLA's convolutions without YNNPACK).
         for got, ref in zip(batched, want):
-            np.testing.assert_allclose(got[r], ref, rtol=1e-5, atol=1e-3)
+            np.testing.assert_allclose(got[r], ref, rtol=2e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("c,kernel_shape,kwargs", [
