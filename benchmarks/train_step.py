@@ -16,8 +16,9 @@ at batch 128, for R=1 and R=4 with strategy 'auto' (what users get) and, for con
   step_s                          median seconds per [R] step over the timed rounds
   images_per_s_per_realization    batch / step_s: how fast each seed trains
   images_per_s_total              R * batch / step_s
-  flops_per_step / _per_image     `card_jax.flops.count_flops` of the jitted [R] step
-                                  (forward + backward + update, matmuls and convs)
+  flops_per_step / _per_image     `card_jax.flops.count_flops` of the model's [R] step
+                                  (forward + backward + update, matmuls and convs), traced
+                                  with plain XLA convolutions (`model_step_flops`)
   achieved_gflops, fraction_of_peak   against the fp32 matmul peak measured in this process
                                   (its best sample); fraction_of_peak_paired: median over
                                   rounds of (this round's GFLOP/s / this round's peak)
@@ -28,9 +29,11 @@ at batch 128, for R=1 and R=4 with strategy 'auto' (what users get) and, for con
   r4_seed_speed_over_r1           how fast ONE seed progresses at R=4 vs R=1 (batch / step_s);
                                   ~1/R on a saturated CPU, near 1 only on an idle accelerator
   r1_fraction_of_peak             the issue's target (>= 0.55): R=1 step GFLOP/s / matmul peak
-  r1_over_r1_xla_convolutions     informative: R=1 throughput over the same step traced with
-                                  plain XLA convolutions (`convolution.xla_convolutions()`,
-                                  what card_jax ran before the CPU im2col convolutions)
+  r1_over_r1_{xla,im2col}_convolutions   informative: R=1 throughput over the same step
+                                  traced with the convolutions card_jax does not run here:
+                                  plain XLA's (`convolution.xla_convolutions()`) where the CPU
+                                  im2col passes are on, those passes (`cpu_im2col()`) where
+                                  XLA's own convolutions replaced YNNPACK's
 
 Variants are timed round-robin (R=1, R=4, ..., matmul peak, then reversed) so that load from
 other processes on a shared machine hits all of them alike; ratios also come as the median of
@@ -129,15 +132,32 @@ class Variant:
         return seconds / steps
 
 
+def model_step_flops(exp: train.Experiment, state, images, labels) -> int:
+    """FLOPs of the model's `[R]` training step (`card_jax.flops`: forward + backward).
+
+    Counted on the same step traced with plain XLA convolutions, so that the count is the
+    model's and not the CPU formulation's: the row taps of `card_jax.models.convolution`
+    compute, then drop, the `kh - 1` output rows that straddle two images of a chunk (4.8%
+    more products in the full-width Conv-4 step), which are not the model's work. A fresh
+    `CompiledSteps` is traced (tracing only; nothing runs or is donated): its jitted functions
+    are not the timed ones, so their trace caches never hold these XLA-convolution traces.
+    """
+    with convolution.xla_convolutions():
+        reference = train.CompiledSteps(exp, exp.levels[0].lr_fn)
+        return flops.count_flops(reference.train, state, images, labels)
+
+
 def prepare(name: str, model: str, width: float, realizations: int, strategy: str,
-            args: argparse.Namespace, xla_convolutions: bool = False) -> Variant:
+            args: argparse.Namespace, convolutions: str = "default") -> Variant:
     """Builds, FLOP-counts, compiles and warms up one variant.
 
-    `xla_convolutions`: trace the step with plain XLA convolutions (what card_jax did before
-    `card_jax.models.convolution`), for an in-process comparison.
+    `convolutions`: "default" (what card_jax runs here), or for an in-process comparison
+    "xla" (plain XLA convolutions, `convolution.xla_convolutions`) or "im2col" (the CPU
+    im2col passes whatever XLA's convolutions are, `convolution.cpu_im2col`).
     """
-    if xla_convolutions:
-        with convolution.xla_convolutions():
+    if convolutions != "default":
+        context = {"xla": convolution.xla_convolutions, "im2col": convolution.cpu_im2col}
+        with context[convolutions]():
             return prepare(name, model, width, realizations, strategy, args)
     config = make_config(model, width, realizations, strategy, args.batch_size, args.train_size)
     exp = train.build_experiment(config)
@@ -145,8 +165,7 @@ def prepare(name: str, model: str, width: float, realizations: int, strategy: st
     state = compiled.place_state(exp.state)
     images, labels = compiled.place_data(exp.dataset.train_images,
                                          exp.dataset.train_labels.astype(np.int32))
-    # Counted on the very function that is timed (tracing only; nothing runs or is donated).
-    step_flops = flops.count_flops(compiled.train, state, images, labels)
+    step_flops = model_step_flops(exp, state, images, labels)
     variant = Variant(name, realizations, strategy, compiled.strategy, args.batch_size, compiled,
                       state, images, labels, step_flops, first_call_s=0.0)
     variant.first_call_s = variant.run(1)  # compile + one step
@@ -195,10 +214,13 @@ def bench_model(model: str, args: argparse.Namespace, peak_sample) -> tuple[dict
         plan.append(("r8", 8, "auto"))
     if model == "conv4" and args.vmap:
         plan.append(("r4_vmap", 4, "vmap"))
+    # The comparison is with the convolutions card_jax does not run here: plain XLA's where
+    # the im2col passes are on, the im2col passes where XLA's own convolutions replaced them.
+    other = "xla" if convolution.im2col_enabled() else "im2col"
     if args.compare_xla:
-        plan.append(("r1_xla_convolutions", 1, "auto"))
+        plan.append((f"r1_{other}_convolutions", 1, "auto"))
     variants = {name: prepare(name, model, args.width, r, s, args,
-                              xla_convolutions=name.endswith("_xla_convolutions"))
+                              convolutions=other if name.endswith("_convolutions") else "default")
                 for name, r, s in plan}
 
     def best_peak() -> float:
@@ -234,11 +256,11 @@ def bench_model(model: str, args: argparse.Namespace, peak_sample) -> tuple[dict
                       "best fp32 matmul GFLOP/s of this model's rounds",
         "target": TARGET_DENSE_FRACTION_OF_PEAK, "comparison": ">=",
         "met": bool(runs["r1"]["fraction_of_peak"] >= TARGET_DENSE_FRACTION_OF_PEAK)}
-    if "r1_xla_convolutions" in samples:
-        result["r1_over_r1_xla_convolutions"] = ratio_entry(
-            samples["r1_xla_convolutions"], samples["r1"], 1.0,
-            "(batch / step_s at R=1) / (the same with plain XLA convolutions, as before "
-            "card_jax.models.convolution): its speed-up, informative")
+    if f"r1_{other}_convolutions" in samples:
+        result[f"r1_over_r1_{other}_convolutions"] = ratio_entry(
+            samples[f"r1_{other}_convolutions"], samples["r1"], 1.0,
+            f"(batch / step_s at R=1) / (the same with {other} convolutions, which card_jax "
+            "does not run on this machine): its speed-up, informative")
     if "r4_vmap" in samples:
         result["r4_vmap_over_r1"] = ratio_entry(
             samples["r1"], samples["r4_vmap"], 4.0,
@@ -272,8 +294,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--quick: on XLA:CPU its grouped convolutions make it the slowest "
                         "variant by far, ~30 s of a full-width quick run)")
     p.add_argument("--compare-xla", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time R=1 with plain XLA convolutions (default: on, off with "
-                        "--quick)")
+                   help="also time R=1 with the other convolutions: plain XLA's where the "
+                        "im2col passes are on, im2col where they are off (default: on, off "
+                        "with --quick)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"models": "conv4" if quick else "conv4,conv8", "reps": 2 if quick else 7,

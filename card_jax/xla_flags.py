@@ -1,15 +1,18 @@
 """XLA:CPU flags card_jax sets for its processes on CPUs where they were measured (issue 7).
 
-On an x86 CPU without AVX-512 (a 2-core AMD EPYC Milan, AVX2 + FMA), jaxlib 0.10.2's XLA:CPU
-hands some convolutions to YNNPACK ("individual_convolution" fusions), and those ran slowly:
-in a trace of the embedded default's training step (quarter-width Conv-4, R = 2, one pinned
-core) two of them took 168 and 153 ms of an 885 ms step. With
-`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` XLA keeps them as its own
-convolutions and the step took 479-515 ms; the full-width Conv-4 step went 1.15 -> 1.07 s and
-batched inference was unchanged or faster (benchmarks/README, section 15). Nothing was
-measured on AVX-512 CPUs or other architectures, so the flag is added only where it was:
-Linux on x86-64 with AVX2 and without AVX-512F, and a jaxlib whose XLA has the flag (an
-unknown flag in `XLA_FLAGS` aborts the process).
+jaxlib 0.10.2's XLA:CPU hands convolutions to YNNPACK ("individual_convolution" fusions), and
+on both x86 CPUs measured those ran far below XLA's own (Eigen) convolutions:
+- a 2-core AMD EPYC Milan (AVX2 + FMA, no AVX-512): in a trace of the embedded default's
+  training step (quarter-width Conv-4, R = 2, one pinned core) two of them took 168 and 153
+  ms of an 885 ms step; without them the step took 479-515 ms (benchmarks/README, section 15);
+- a 2-core Intel Xeon with AVX-512 and AMX: at batch 128, 32x32, 64 -> 64 channels, the
+  forward pass took 86 ms with YNNPACK and 49 without, the weight gradient 342 and 89; the
+  full-width Conv-4 training step with XLA's convolutions 0.95 -> 0.50 s (section 16).
+`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` keeps them XLA's own. It is
+added on Linux x86-64 with AVX2, for a jaxlib whose XLA has the flag (an unknown flag in
+`XLA_FLAGS` aborts the process); other architectures were not measured and get nothing.
+`card_jax.models.convolution` asks :func:`ynn_convolutions_disabled` which convolutions it
+is up against: its im2col passes were measured against YNNPACK's and only replace those.
 
 XLA reads `XLA_FLAGS` when JAX creates its CPU backend, so :func:`apply` must run before the
 first computation; entry points call it through :func:`card_jax.entry.prepare`. A flag the
@@ -25,8 +28,10 @@ from collections.abc import Mapping
 
 ENV = "XLA_FLAGS"
 OPT_OUT = "CARD_JAX_XLA_FLAGS"  # "0": leave XLA's flags alone
-# (flag, value) pairs for x86-64 CPUs with AVX2 and no AVX-512F.
-AVX2_ONLY_FLAGS = (("--xla_cpu_experimental_ynn_fusion_type", "-individual_convolution"),)
+YNN_FUSION_TYPES = "--xla_cpu_experimental_ynn_fusion_type"
+NO_YNN_CONVOLUTIONS = "-individual_convolution"
+# (flag, value) pairs for x86-64 CPUs with AVX2 (AVX-512 or not).
+X86_FLAGS = ((YNN_FUSION_TYPES, NO_YNN_CONVOLUTIONS),)
 # jaxlib releases whose XLA:CPU has these flags (checked by hand for each entry).
 KNOWN_JAXLIB_PREFIXES = ("0.10.",)
 
@@ -56,9 +61,8 @@ def flags_for(features: set[str], machine: str, system: str,
               jaxlib_version: str) -> tuple[tuple[str, str], ...]:
     """The (flag, value) pairs for a CPU with `features` (its /proc/cpuinfo flags)."""
     if (system.startswith("linux") and machine in ("x86_64", "AMD64")
-            and "avx2" in features and "avx512f" not in features
-            and jaxlib_version.startswith(KNOWN_JAXLIB_PREFIXES)):
-        return AVX2_ONLY_FLAGS
+            and "avx2" in features and jaxlib_version.startswith(KNOWN_JAXLIB_PREFIXES)):
+        return X86_FLAGS
     return ()
 
 
@@ -85,3 +89,15 @@ def tuned_environ(environ: Mapping[str, str],
 def apply() -> None:
     """Adds this machine's flags to `os.environ` (before JAX creates its backend)."""
     os.environ.update(tuned_environ(os.environ))
+
+
+def ynn_convolutions_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `XLA_FLAGS` (of `environ`, default `os.environ`) keeps convolutions away from
+    YNNPACK: the last `--xla_cpu_experimental_ynn_fusion_type` removes `individual_convolution`.
+    """
+    value = None
+    for token in (os.environ if environ is None else environ).get(ENV, "").split():
+        name, _, v = token.partition("=")
+        if name == YNN_FUSION_TYPES:
+            value = v
+    return value is not None and NO_YNN_CONVOLUTIONS in value.split(",")

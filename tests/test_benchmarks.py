@@ -107,3 +107,28 @@ def test_ratios_report_the_target(quick_result):
     seed_speed = conv4["r4_seed_speed_over_r1"]
     assert "target" not in seed_speed
     assert math.isclose(conv4["r4_over_r1"]["value"], 4 * seed_speed["value"])
+
+
+def test_step_flops_are_the_models_not_the_row_taps():
+    """The benchmarks' FLOPs are the model's: full-width Conv-4's analytic count, although
+    the CPU step it times (row taps at 32x32, 64 channels) multiplies more."""
+    from benchmarks import train_step as train_step_bench
+    from card_jax import flops, train
+
+    config = train_step_bench.make_config("conv4", 1.0, 1, "map", batch_size=8, train_size=16)
+    exp = train.build_experiment(config)
+    compiled = train.CompiledSteps(exp, exp.levels[0].lr_fn)
+    state = compiled.place_state(exp.state)
+    images, labels = compiled.place_data(exp.dataset.train_images,
+                                         exp.dataset.train_labels.astype("int32"))
+    counted = train_step_bench.model_step_flops(exp, state, images, labels)
+    # Multiply-adds per image: 3x3 convolutions 3->64 and 64->64 at 32x32, 64->128 and
+    # 128->128 at 16x16, then dense 8192->256->256->10.
+    first = 32 * 32 * 9 * 3 * 64
+    macs = first + 32 * 32 * 9 * 64 * 64 + 16 * 16 * 9 * (64 * 128 + 128 * 128) + (
+        8192 * 256 + 256 * 256 + 256 * 10)
+    # Forward, input gradient and weight gradient of every layer (3x the forward), less the
+    # first layer's input gradient, which nothing needs; 2 FLOPs per multiply-add.
+    assert counted == 8 * 2 * (3 * macs - first) == 8 * 586_300_416
+    # The timed step's own products include the rows that straddle two images of a chunk.
+    assert flops.count_flops(compiled.train, state, images, labels) > counted

@@ -14,6 +14,35 @@ from card_jax.models import convolution, conv4, resnet18
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def im2col_on():
+    """The tests below are of the im2col passes: on, whatever XLA's convolutions here."""
+    with convolution.cpu_im2col():
+        yield
+
+
+def test_im2col_only_against_ynnpack_convolutions(monkeypatch):
+    x, w = jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64, 64))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+    def names():
+        jaxpr = jax.make_jaxpr(lambda x, w: jax.grad(lambda w: convolution.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dn).sum())(w))(x, w)
+        return str(jaxpr)
+
+    assert " scan[" in names()  # inside cpu_im2col (the fixture)
+    with monkeypatch.context() as m:
+        m.setattr(convolution, "_im2col_depth", 0)
+        m.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution")
+        assert not convolution.im2col_enabled()
+        assert convolution.im2col_passes(64, 64, (1, 1)) == (False, False, False)
+        assert " scan[" not in names() and "platform_index" not in names()
+        assert convolution.uses_tap_sum(1)  # the grey first layer's tap sum stays
+        m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+        assert convolution.im2col_enabled()
+        assert " scan[" in names()
+
+
 def _xla(x, w, strides, padding):
     dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)

@@ -13,10 +13,10 @@ YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 AVX2 = {"sse2", "avx", "avx2", "fma"}
 
 
-def test_flags_only_for_avx2_without_avx512_on_linux_x86_with_a_known_jaxlib():
-    avx2_only = xla_flags.AVX2_ONLY_FLAGS
-    assert xla_flags.flags_for(AVX2, "x86_64", "linux", "0.10.2") == avx2_only
-    assert xla_flags.flags_for(AVX2 | {"avx512f"}, "x86_64", "linux", "0.10.2") == ()
+def test_flags_only_for_avx2_on_linux_x86_with_a_known_jaxlib():
+    x86 = xla_flags.X86_FLAGS
+    assert xla_flags.flags_for(AVX2, "x86_64", "linux", "0.10.2") == x86
+    assert xla_flags.flags_for(AVX2 | {"avx512f", "amx_tile"}, "x86_64", "linux", "0.10.2") == x86
     assert xla_flags.flags_for({"sse2", "avx"}, "x86_64", "linux", "0.10.2") == ()
     assert xla_flags.flags_for(AVX2, "aarch64", "linux", "0.10.2") == ()
     assert xla_flags.flags_for(AVX2, "x86_64", "darwin", "0.10.2") == ()
@@ -33,7 +33,7 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
 
 
 def test_tuned_environ_appends_keeps_the_callers_value_and_can_be_turned_off():
-    flags = xla_flags.AVX2_ONLY_FLAGS
+    flags = xla_flags.X86_FLAGS
     assert xla_flags.tuned_environ({"HOME": "/root"}, flags) == {"HOME": "/root",
                                                                  "XLA_FLAGS": YNN}
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -53,7 +53,7 @@ def test_tuned_environ_appends_keeps_the_callers_value_and_can_be_turned_off():
                     reason="the flags are only added for the jaxlib releases listed")
 def test_the_installed_xla_accepts_the_flags():
     """XLA aborts on a flag it does not know: this jaxlib must know every one we may add."""
-    env = {"XLA_FLAGS": " ".join(f"{n}={v}" for n, v in xla_flags.AVX2_ONLY_FLAGS),
+    env = {"XLA_FLAGS": " ".join(f"{n}={v}" for n, v in xla_flags.X86_FLAGS),
            "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
     code = ("import jax, jax.numpy as jnp; x = jnp.ones((1, 8, 8, 2));"
             "w = jnp.ones((3, 3, 2, 4));"
@@ -73,3 +73,16 @@ def test_entry_points_add_this_machines_flags():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == xla_flags.tuned_environ({}).get("XLA_FLAGS", "")
+
+
+def test_ynn_convolutions_disabled_reads_the_last_fusion_type_flag():
+    assert xla_flags.ynn_convolutions_disabled({"XLA_FLAGS": YNN})
+    assert xla_flags.ynn_convolutions_disabled(
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                      "--xla_cpu_experimental_ynn_fusion_type=-dot,-individual_convolution"})
+    assert not xla_flags.ynn_convolutions_disabled({})
+    assert not xla_flags.ynn_convolutions_disabled({"XLA_FLAGS": "--xla_cpu_use_onednn=true"})
+    assert not xla_flags.ynn_convolutions_disabled(
+        {"XLA_FLAGS": YNN + " --xla_cpu_experimental_ynn_fusion_type=individual_dot"})
+    assert not xla_flags.ynn_convolutions_disabled(
+        {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"})

@@ -34,13 +34,23 @@ The channel rules come from per-layer measurements (`IM2COL_FORWARD_CHANNELS`,
 `TAP_SUM_MAX_CHANNELS`); a convolution that none of them takes is plain
 ``lax.conv_general_dilated``.
 
-Why (benchmarks/README.md, issue 7): XLA:CPU runs these convolutions as Eigen spatial
-convolutions; on the 2-core AVX-512 machine, batch 128, a 32x32 64->64 layer took 137 ms
+Why (benchmarks/README.md, issue 7): jaxlib 0.10's XLA:CPU hands these convolutions to
+YNNPACK by default; on the 2-core AVX-512 EPYC, batch 128, a 32x32 64->64 layer took 137 ms
 forward and 250-275 ms for its weight gradient (70 and 35-40 GFLOP/s) where a matrix
 product of the same FLOPs reaches 150-200 GFLOP/s. Building the whole patch matrix at once
 does not help: it is 302 MB for that layer and writing it is bound by memory bandwidth
 (slower than XLA). In 2-image chunks it stays in cache: forward 93-110 ms, weight gradient
 127 ms; the Conv-4 training step went from 0.34 to 0.56 of the matmul peak.
+
+**Only against YNNPACK's convolutions.** XLA's own (Eigen) convolutions, which
+`card_jax.xla_flags` selects on x86-64 (`--xla_cpu_experimental_ynn_fusion_type=
+-individual_convolution`), beat every im2col and row-tap pass measured on a 2-core Xeon
+(AVX-512, AMX): 32x32 64->64 forward 49 ms against 79, weight gradient 89 against 110; the
+Conv-4 training step 0.50 s against 0.64 (benchmarks/README.md, section 16). So the im2col
+passes apply only while XLA's YNNPACK convolutions are in use (`im2col_enabled`:
+`xla_flags.ynn_convolutions_disabled()` is false, e.g. on other architectures or with
+`CARD_JAX_XLA_FLAGS=0`), or inside :func:`cpu_im2col`. The tap sum of grey first layers
+is kept either way (1 -> 16 channels at 32x32: 0.6 ms against Eigen's 3.3).
 
 Results equal XLA's up to float32 summation order (tests compare forward and both
 gradients for strides 1 and 2, 1x1/3x3 kernels, SAME/VALID/explicit padding, odd batch
@@ -60,6 +70,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from card_jax import xla_flags
 
 # Patch-matrix bytes per chunk of images: a chunk's patches must stay in the CPU's caches
 # (the 2-core machine: 1 MB L2 per core, 32 MB shared L3). Per layer at batch 128, 2-image
@@ -121,6 +133,7 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
 
 
 _xla_only_depth = 0  # > 0 inside `xla_convolutions()`
+_im2col_depth = 0  # > 0 inside `cpu_im2col()`
 _xla_forward_depth = 0  # > 0 inside `xla_forward_convolutions()`
 
 
@@ -138,6 +151,25 @@ def xla_convolutions() -> Iterator[None]:
         yield
     finally:
         _xla_only_depth -= 1
+
+
+@contextlib.contextmanager
+def cpu_im2col() -> Iterator[None]:
+    """Within it, the channel rules take passes to im2col whatever XLA's convolutions are
+    (`im2col_enabled`); for the tests of those passes and benchmarks comparing them. Acts at
+    TRACE time, like `xla_convolutions`."""
+    global _im2col_depth
+    _im2col_depth += 1
+    try:
+        yield
+    finally:
+        _im2col_depth -= 1
+
+
+def im2col_enabled() -> bool:
+    """Whether the im2col passes may replace XLA's: they were measured faster only than
+    YNNPACK's convolutions, so not once `XLA_FLAGS` turned those off (module doc)."""
+    return _im2col_depth > 0 or not xla_flags.ynn_convolutions_disabled()
 
 
 @contextlib.contextmanager
@@ -209,7 +241,10 @@ def conv_general_dilated(
 def im2col_passes(in_channels: int, out_channels: int,
                   strides: tuple[int, int]) -> tuple[bool, bool, bool]:
     """Whether the (forward, input gradient, weight gradient) of a convolution use im2col on
-    CPU (see the table above `IM2COL_WEIGHT_GRAD_MIN_CHANNELS`)."""
+    CPU (see the table above `IM2COL_WEIGHT_GRAD_MIN_CHANNELS`); none while
+    `im2col_enabled()` is false."""
+    if not im2col_enabled():
+        return (False, False, False)
     unit = tuple(strides) == (1, 1)
     return (unit and in_channels in IM2COL_FORWARD_CHANNELS,
             unit and out_channels in IM2COL_FORWARD_CHANNELS,
