@@ -55,9 +55,9 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import profile as profile_bench  # noqa: E402
 from benchmarks import robustness  # noqa: E402
-from card_jax import evaluate, flops, steps, train  # noqa: E402
+from benchmarks import train_step  # noqa: E402
+from card_jax import evaluate, steps, train  # noqa: E402
 from card_jax.data import corruption_sets, pipeline  # noqa: E402
-from card_jax.models import convolution  # noqa: E402
 
 log = logging.getLogger("card_jax.benchmarks.evaluation")
 
@@ -86,11 +86,8 @@ def bench_inference(args: argparse.Namespace, peak_sample) -> dict[str, Any]:
         start = jnp.int32(0)
         tag = "" if dtype == "float32" else "_bf16"
         if dtype == "float32":
-            # The model's FLOPs (`train_step.model_step_flops` says why), on a fresh
-            # CompiledSteps: its eval jit is not the timed one.
-            with convolution.xla_convolutions():
-                reference = train.CompiledSteps(setup.exp, setup.exp.levels[0].lr_fn)
-                eval_flops = flops.count_flops(reference.eval, st, test_x, test_y, start)
+            eval_flops = train_step.model_step_flops(setup.exp, st, test_x, test_y, start,
+                                                     step="eval")
             eval_c = setup.compiled.eval.lower(st, test_x, test_y, start).compile()
             pieces["eval_step"] = profile_bench.calibrated(
                 "eval_step", lambda c=eval_c, s=st, x=test_x, y=test_y: c(s, x, y, start),
@@ -105,7 +102,7 @@ def bench_inference(args: argparse.Namespace, peak_sample) -> dict[str, Any]:
 
         x = pipeline.to_float(test_x[:batch])
         fwd_args = (one.params, one.batch_stats, one.method_state, x)
-        fwd_flops = profile_bench.model_flops(forward, *fwd_args)
+        fwd_flops = train_step.model_flops(forward, *fwd_args)
         fwd_c, cost, _ = profile_bench.aot(forward, *fwd_args)
         pieces[f"forward{tag}"] = profile_bench.calibrated(
             f"forward{tag}", lambda c=fwd_c, a=fwd_args: c(*a), args.min_sample_ms / 1e3,

@@ -62,10 +62,9 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import train_step
-from card_jax import config_util, flops, steps, train
+from card_jax import config_util, steps, train
 from card_jax import state as state_lib
 from card_jax.data import augment
-from card_jax.models import convolution
 from card_jax.pruning import masks as masks_lib
 from card_jax.pruning.base import get_trainable
 
@@ -163,12 +162,6 @@ def calibrated(name: str, fn: Callable[[], Any], min_sample_s: float, max_calls:
     calls = int(min(max_calls, max(1, math.ceil(min_sample_s / max(warm, 1e-6)))))
     return Piece(name, fn, calls, first, dict(info or {}))
 
-def model_flops(fn: Callable, *args) -> int:
-    """`card_jax.flops.count_flops` of the model's work: `fn` (a plain, unjitted function)
-    traced with plain XLA convolutions (`train_step.model_step_flops` says why)."""
-    with convolution.xla_convolutions():
-        return flops.count_flops(fn, *args)
-
 def aot(fn: Callable, *args, donate: tuple[int, ...] = ()):
     """`jax.jit(fn)` compiled for `args`: (compiled, XLA cost analysis, compile seconds)."""
     tic = time.perf_counter()
@@ -250,11 +243,11 @@ def make_pieces(setup: Setup, args) -> dict[str, Piece]:
     pieces["batch"] = cal("batch", lambda: batch_c(one, setup.images, setup.labels), cost)
     fwd_c, cost, _ = aot(forward, trainable, one, x, y)
     pieces["forward"] = cal("forward", lambda: fwd_c(trainable, one, x, y), {
-        **cost, "flops": model_flops(forward, trainable, one, x, y)})
+        **cost, "flops": train_step.model_flops(forward, trainable, one, x, y)})
     vg_c, cost, _ = aot(value_and_grad, trainable, one, x, y)
     (_, (_, batch_stats)), grads = vg_c(trainable, one, x, y)
     pieces["value_and_grad"] = cal("value_and_grad", lambda: vg_c(trainable, one, x, y), {
-        **cost, "flops": model_flops(value_and_grad, trainable, one, x, y)})
+        **cost, "flops": train_step.model_flops(value_and_grad, trainable, one, x, y)})
     mask_c, cost, _ = aot(method.apply, one.params, one.method_state)
     pieces["mask_selection"] = cal(
         "mask_selection", lambda: mask_c(one.params, one.method_state), cost)

@@ -132,19 +132,24 @@ class Variant:
         return seconds / steps
 
 
-def model_step_flops(exp: train.Experiment, state, images, labels) -> int:
-    """FLOPs of the model's `[R]` training step (`card_jax.flops`: forward + backward).
+def model_flops(fn, *args) -> int:
+    """`card_jax.flops.count_flops` of the model's work: `fn(*args)` traced with plain XLA
+    convolutions, so that the count is the model's and not the CPU formulation's (the row
+    taps of `card_jax.models.convolution` compute, then drop, the `kh - 1` output rows that
+    straddle two images of a chunk: 4.8% more products in the full-width Conv-4 step).
 
-    Counted on the same step traced with plain XLA convolutions, so that the count is the
-    model's and not the CPU formulation's: the row taps of `card_jax.models.convolution`
-    compute, then drop, the `kh - 1` output rows that straddle two images of a chunk (4.8%
-    more products in the full-width Conv-4 step), which are not the model's work. A fresh
-    `CompiledSteps` is traced (tracing only; nothing runs or is donated): its jitted functions
-    are not the timed ones, so their trace caches never hold these XLA-convolution traces.
+    `fn` must not be a jitted function that is also timed: its trace cache would keep this
+    XLA-convolution trace (`model_step_flops` traces a fresh `CompiledSteps` for that).
     """
     with convolution.xla_convolutions():
-        reference = train.CompiledSteps(exp, exp.levels[0].lr_fn)
-        return flops.count_flops(reference.train, state, images, labels)
+        return flops.count_flops(fn, *args)
+
+
+def model_step_flops(exp: train.Experiment, *args, step: str = "train") -> int:
+    """`model_flops` of the `[R]` `step` ("train" or "eval") of a fresh `CompiledSteps` of
+    `exp`: tracing only (nothing runs or is donated), and its jitted functions are not the
+    timed ones."""
+    return model_flops(getattr(train.CompiledSteps(exp, exp.levels[0].lr_fn), step), *args)
 
 
 def prepare(name: str, model: str, width: float, realizations: int, strategy: str,
