@@ -1,20 +1,35 @@
 """glibc malloc settings for XLA:CPU, applied to card_jax's processes (issue 7).
 
 XLA:CPU allocates each execution's temporary buffer (all intermediate activations of a
-training or evaluation step: 93 MB for the embedded default's step) afresh and frees it at the
-end. Above glibc's mmap threshold (at most 32 MB by default) every such allocation is a new
-`mmap` of zero pages, so the step pays one page fault per 4 kB it touches: 22,700 faults per
-embedded training step, 19% of its time spent in the kernel (44 of 236 ms on one core) and 25%
-of an evaluation step's. Three glibc tunables remove that:
+training or evaluation step: 93 MB for the embedded default's step, 235 MB for a full-width
+Conv-4 step at batch 128, 869 MB for four of them at R = 4) afresh and frees it at the end.
+By default glibc serves such a buffer with a fresh `mmap` of zero pages (above its mmap
+threshold, at most 32 MB, and always above 64 MB in a thread's own arena), so every step
+pays a page fault per page it touches and the kernel zeroes the whole buffer again: 22,700
+faults per embedded training step, 19% of its time in the kernel (44 of 236 ms on one core).
 
-  glibc.malloc.hugetlb=1               mmap'd chunks ask for transparent huge pages (2 MB
-                                       faults instead of 4 kB ones) where the kernel allows it
-  glibc.malloc.mmap_threshold=256 MiB  smaller buffers come from malloc's heap and are reused
-  glibc.malloc.trim_threshold=1 GiB    freed heap memory is kept for the next step
+Four tunables make the buffer come from, and go back to, one reused heap:
 
-Measured on one core of the 2-core machine: training step 236-247 -> 195-204 ms, evaluation
-of 250 images 129-141 -> 94-105 ms, page faults per step 22,698 -> 214; the numbers computed
-are the same (only where memory comes from changes).
+  glibc.malloc.arena_max=1             every thread allocates from the main arena (XLA's
+                                       worker threads would otherwise get arenas of their
+                                       own, which hand anything above 64 MB to mmap)
+  glibc.malloc.mmap_max=0              the main arena never uses mmap: large buffers come
+                                       from its heap, and are reused by the next step
+  glibc.malloc.trim_threshold=4 GiB    freed heap memory (up to 4 GiB at its top) is kept for
+                                       the next step instead of being returned and faulted in
+                                       again
+  glibc.malloc.hugetlb=1               the heap (and any mmap) asks for transparent huge pages
+                                       where the kernel allows it (`madvise` mode): fewer TLB
+                                       misses in the step's big arrays
+
+An earlier version set `glibc.malloc.mmap_threshold=256 MiB` instead of the first two; glibc
+silently ignores a threshold above 32 MiB (half its 64 MiB heap size), so buffers stayed
+mmap'd and only `hugetlb` helped (2 MB faults instead of 4 kB ones). Measured on the 2-core
+Xeon (benchmarks/README.md, section 17): page faults per full-width Conv-4 step 675 -> 0 at
+R = 1 and 1,450 -> 0 at R = 4; the R = 4 step 1.38-1.90 s -> 1.37-1.59 s against R = 1's
+0.36 s. The numbers computed are the same (only where memory comes from changes); the price
+is that a process keeps the memory of its largest step (up to the trim threshold) until it
+exits, which a training process needs again at its next step anyway.
 
 Tunables are read when a process starts, so entry points call :func:`reexec_if_untuned`
 first: it replaces the process with the same command line and the tunables added to
@@ -31,8 +46,9 @@ from collections.abc import Mapping
 
 TUNABLES = (
     ("glibc.malloc.hugetlb", "1"),
-    ("glibc.malloc.mmap_threshold", str(256 << 20)),
-    ("glibc.malloc.trim_threshold", str(1 << 30)),
+    ("glibc.malloc.arena_max", "1"),
+    ("glibc.malloc.mmap_max", "0"),
+    ("glibc.malloc.trim_threshold", str(4 << 30)),
 )
 ENV = "GLIBC_TUNABLES"
 OPT_OUT = "CARD_JAX_GLIBC_TUNABLES"  # "0": leave the allocator alone

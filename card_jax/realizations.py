@@ -1,13 +1,15 @@
 """How the realization axis `[R]` executes: one compiled step for all R seeds.
 
 Strategies (DESIGN: measure, then choose; never make R seeds slower than R runs):
-  map   `lax.map` over R inside one jit: one seed after another, each with the same kernels as
-        a single-seed run. On XLA:CPU a `vmap` over conv weights lowers to grouped
-        convolutions that are several times slower per seed, so this is the CPU default.
+  map   the R single-seed steps unrolled inside one jit: each seed runs the same kernels as a
+        single-seed run. A `vmap` over conv weights lowers to grouped (CPU) or batched
+        (GPU) convolutions that are slower per seed: on XLA:CPU several times, and on an
+        H200 the full-width Conv-4 step at R = 4 took 10.4 ms vmapped against 3.5-4.4 ms
+        unrolled (R = 1: 1.0-1.8 ms; benchmarks/README.md, section 17), where the GPU also
+        overlaps the independent seeds. So this is the single-device default everywhere.
   vmap  `jax.vmap` over R. With more than one device, R is sharded over the mesh axis 'r' and
         the batch over 'b' (jax.jit + NamedSharding), so each device runs whole seeds.
-'auto' picks vmap when several devices are visible (sharded), map on a single CPU device and
-vmap on a single accelerator.
+'auto' picks vmap when several devices are visible (sharded) and map on a single device.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ STRATEGIES = ("auto", "map", "vmap")
 
 
 def choose_strategy(strategy: str, num_devices: int | None = None,
-                    platform: str | None = None, option: str = "train.strategy") -> str:
-    """'auto' -> vmap with several devices or on an accelerator, map on one CPU device.
+                    option: str = "train.strategy") -> str:
+    """'auto' -> vmap (sharded) with several devices, map on one device of any platform.
 
     Shared by the realization axis and a deck's member axis (`option` names the config key
     in the error message)."""
@@ -33,10 +35,7 @@ def choose_strategy(strategy: str, num_devices: int | None = None,
     if strategy != "auto":
         return strategy
     num_devices = jax.device_count() if num_devices is None else num_devices
-    platform = jax.default_backend() if platform is None else platform
-    if num_devices > 1 or platform != "cpu":
-        return "vmap"
-    return "map"
+    return "vmap" if num_devices > 1 else "map"
 
 
 def make_mesh(realizations: int) -> jax.sharding.Mesh:

@@ -1,8 +1,13 @@
 """A drop-in ``conv_general_dilated`` for ``nnx.Conv`` that is fast on XLA:CPU.
 
-Every model passes :func:`conv_general_dilated` to ``nnx.Conv``. On accelerators it is
-XLA's convolution (cuDNN on GPU) in all three passes: the CPU choices below sit behind
-``lax.platform_dependent``. On CPU, three passes of a 2-D convolution of ``x``
+Every model passes :func:`conv_general_dilated` to ``nnx.Conv``. Where the default backend
+is an accelerator it is plain ``lax.conv_general_dilated``, differentiated by JAX (cuDNN's
+forward, backward-data and backward-filter convolutions on GPU): on an H200 the full-width
+Conv-4 training step took 1.18 ms that way against 1.47 ms through this module's custom VJP,
+whose input gradient is a forward convolution of the flipped kernel (benchmarks/README.md,
+section 17). Inside the custom VJP the CPU choices below sit behind
+``lax.platform_dependent``, so that a program traced on CPU still lowers for another
+platform with XLA's convolutions there. On CPU, three passes of a 2-D convolution of ``x``
 ``[B, H, W, C]`` with an HWIO kernel ``[kh, kw, C, O]`` into ``[B, Ho, Wo, O]`` become
 im2col matrix products taken a few images at a time:
 
@@ -219,7 +224,8 @@ def conv_general_dilated(
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type, **kwargs)
-    if (_xla_only_depth or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1
+    if (_xla_only_depth or jax.default_backend() != "cpu"
+            or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1
             or batch_group_count != 1 or preferred_element_type is not None
             or any(v is not None for v in kwargs.values())
             or not _all_ones(lhs_dilation) or not _all_ones(rhs_dilation)
