@@ -15,9 +15,11 @@ Four tunables make the buffer come from, and go back to, one reused heap:
                                        own, which hand anything above 64 MB to mmap)
   glibc.malloc.mmap_max=0              the main arena never uses mmap: large buffers come
                                        from its heap, and are reused by the next step
-  glibc.malloc.trim_threshold=4 GiB    freed heap memory (up to 4 GiB at its top) is kept for
-                                       the next step instead of being returned and faulted in
-                                       again
+  glibc.malloc.trim_threshold=1 TiB    freed heap memory is never returned to the system: the
+                                       next step takes it again instead of faulting it in (with
+                                       4 GiB, a benchmark process that interleaves R = 1, 4 and
+                                       8 trimmed its 6 GB heap and refaulted the R = 8 buffer,
+                                       867 huge pages, 0.3 s a step)
   glibc.malloc.hugetlb=1               the heap (and any mmap) asks for transparent huge pages
                                        where the kernel allows it (`madvise` mode): fewer TLB
                                        misses in the step's big arrays
@@ -26,10 +28,10 @@ An earlier version set `glibc.malloc.mmap_threshold=256 MiB` instead of the firs
 silently ignores a threshold above 32 MiB (half its 64 MiB heap size), so buffers stayed
 mmap'd and only `hugetlb` helped (2 MB faults instead of 4 kB ones). Measured on the 2-core
 Xeon (benchmarks/README.md, section 17): page faults per full-width Conv-4 step 675 -> 0 at
-R = 1 and 1,450 -> 0 at R = 4; the R = 4 step 1.38-1.90 s -> 1.37-1.59 s against R = 1's
-0.36 s. The numbers computed are the same (only where memory comes from changes); the price
-is that a process keeps the memory of its largest step (up to the trim threshold) until it
-exits, which a training process needs again at its next step anyway.
+R = 1 and 1,450 -> 0 at R = 4; the R = 4 step 1.38-2.10 s -> 1.37-1.59 s against R = 1's
+0.33-0.39 s. The numbers computed are the same (only where memory comes from changes); the price
+is that a process keeps the memory of its largest steps until it exits, which a training
+process needs again at its next step anyway.
 
 Tunables are read when a process starts, so entry points call :func:`reexec_if_untuned`
 first: it replaces the process with the same command line and the tunables added to
@@ -48,7 +50,7 @@ TUNABLES = (
     ("glibc.malloc.hugetlb", "1"),
     ("glibc.malloc.arena_max", "1"),
     ("glibc.malloc.mmap_max", "0"),
-    ("glibc.malloc.trim_threshold", str(4 << 30)),
+    ("glibc.malloc.trim_threshold", str(1 << 40)),  # 1 TiB: never (more than any machine here)
 )
 ENV = "GLIBC_TUNABLES"
 OPT_OUT = "CARD_JAX_GLIBC_TUNABLES"  # "0": leave the allocator alone

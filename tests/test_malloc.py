@@ -11,7 +11,7 @@ import pytest
 from card_jax import malloc
 
 ALL = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0"
-       ":glibc.malloc.trim_threshold=4294967296")
+       ":glibc.malloc.trim_threshold=1099511627776")
 
 
 def test_tuned_environ_adds_the_tunables():
@@ -22,7 +22,7 @@ def test_tuned_environ_keeps_what_the_caller_set():
     env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"}
     assert malloc.tuned_environ(env)["GLIBC_TUNABLES"] == (
         "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"
-        ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296")
+        ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776")
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"}
 
 
