@@ -31,7 +31,12 @@ Xeon (benchmarks/README.md, section 17): page faults per full-width Conv-4 step 
 R = 1 and 1,450 -> 0 at R = 4; the R = 4 step 1.38-2.10 s -> 1.37-1.59 s against R = 1's
 0.33-0.39 s. The numbers computed are the same (only where memory comes from changes); the price
 is that a process keeps the memory of its largest steps until it exits, which a training
-process needs again at its next step anyway.
+process needs again at its next step anyway, and that XLA's parallel compilation threads
+contend for the one arena: the embedded default's compile-bound `:smoke` run took 14.7-14.8 s
+against 11.8-12.9, and tests/test_train.py 86-89 s against 72-73 (sys time 8 -> 18 s). Steps
+are what a training run spends its time in; the test suite, which compiles hundreds of small
+programs and runs a few steps of each, takes `COMPILE_BOUND_TUNABLES` instead (per-thread
+arenas, huge pages only: what the earlier version did in effect).
 
 Tunables are read when a process starts, so entry points call :func:`reexec_if_untuned`
 first: it replaces the process with the same command line and the tunables added to
@@ -53,6 +58,8 @@ TUNABLES = (
     ("glibc.malloc.trim_threshold", str(1 << 40)),  # 1 TiB: never (more than any machine here)
 )
 ENV = "GLIBC_TUNABLES"
+# For processes that mostly compile (tests/conftest.py): keeps glibc's per-thread arenas.
+COMPILE_BOUND_TUNABLES = (("glibc.malloc.hugetlb", "1"),)
 OPT_OUT = "CARD_JAX_GLIBC_TUNABLES"  # "0": leave the allocator alone
 
 
@@ -60,15 +67,16 @@ def _set_names(value: str) -> set[str]:
     return {item.split("=", 1)[0] for item in value.split(":") if item}
 
 
-def tuned_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of `environ` whose `GLIBC_TUNABLES` also holds `TUNABLES`; a tunable the caller
-    already set keeps the caller's value, and with `CARD_JAX_GLIBC_TUNABLES=0` nothing is
-    added."""
+def tuned_environ(environ: Mapping[str, str],
+                  tunables: tuple[tuple[str, str], ...] = TUNABLES) -> dict[str, str]:
+    """A copy of `environ` whose `GLIBC_TUNABLES` also holds `tunables` (default `TUNABLES`);
+    a tunable the caller already set keeps the caller's value, and with
+    `CARD_JAX_GLIBC_TUNABLES=0` nothing is added."""
     env = dict(environ)
     if env.get(OPT_OUT) == "0":
         return env
     current = env.get(ENV, "")
-    missing = [f"{name}={value}" for name, value in TUNABLES
+    missing = [f"{name}={value}" for name, value in tunables
                if name not in _set_names(current)]
     if missing:
         env[ENV] = ":".join([current, *missing] if current else missing)

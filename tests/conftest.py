@@ -7,10 +7,15 @@ import tempfile
 
 from card_jax import malloc, xla_flags
 
-# The CLI runs the tests start get the glibc malloc tunables that spare XLA:CPU a page fault
-# per 4 kB of every step's buffers (card_jax/malloc.py) without re-executing themselves.
-# pytest itself is not restarted: its output capture already holds stdout/stderr here.
-os.environ.update(malloc.tuned_environ(os.environ))
+# The CLI runs the tests start (and pytest-xdist's workers) get the compile-bound glibc
+# malloc tunables (huge pages, per-thread arenas; card_jax/malloc.py) without re-executing
+# themselves: the suite compiles far more than it steps, and the training tunables' single
+# arena slows XLA's parallel compilation (tests/test_train.py 72 -> 87 s). The opt-out makes
+# the entry points a test runs as subprocesses keep these instead of adding the training
+# tunables (tests/test_malloc.py runs those in processes of its own). pytest itself is not
+# restarted: its output capture already holds stdout/stderr here.
+os.environ.update(malloc.tuned_environ(os.environ, malloc.COMPILE_BOUND_TUNABLES))
+os.environ.setdefault(malloc.OPT_OUT, "0")
 # The XLA:CPU flags the entry points add on this CPU (card_jax/xla_flags.py), so that tests
 # compile what the CLI compiles; set before JAX creates its backend.
 xla_flags.apply()
