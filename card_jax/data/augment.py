@@ -394,9 +394,13 @@ def _augmix_reference_one(key, x01, width: int, depth: int, severity: float, alp
 # (32, 128) 16.0; computing every piece for all 9 steps (the earlier layout) 53. Splitting
 # the table pass (autocontrast, equalize) and the warp pass (rotate, shear_x, shear_y,
 # translations) by what each op computes: 16.0-18.9 -> 11.0-13.1 (2 threads, same process,
-# same output); pages (16, 32), (8, 32), (16, 16) within 0.6 of each other.
+# same output); pages (16, 32), (8, 32), (16, 16) within 0.6 of each other. With uint8 chain
+# images and one warp pass per kind, each kind draws ~43, 28 and 14 chains at the three
+# steps, so a page of 32 ran half empty: warp pages of 32 / 24 / 16 / 12 / 8 took 9.6-9.8 /
+# 9.2 / 8.7-8.8 / 8.8 / 8.5 ms (section 18 of benchmarks/README.md), one pass for the three
+# bilinear kinds 10.0 (32) and 9.7 (16).
 HISTOGRAM_PAGE = 16
-WARP_PAGE = 32
+WARP_PAGE = 16
 
 
 def _paged_update(mask: jax.Array, target: jax.Array, fn: Callable, page: int,
