@@ -179,7 +179,13 @@ def make_train_step_parts(
                                  augment_fn(jax.random.fold_in(aug_key, 2), x)])
         elif augment_fn is not None:
             # After crop/flip, on [0, 1] pixels, before the model's normalisation (SPEC §8).
-            x = augment_fn(jax.random.fold_in(aug_key, 1), x)
+            # The cropped batch gets a buffer of its own first: fused into the augmentation,
+            # the gather, crop and flip were recomputed by each op that reads the batch
+            # (AugMix's levels and its final mix; Gaussian noise's sum and its choice of
+            # images). Quarter-width Conv-4, batch 128: a Gaussian step cost 8.9 ms more than
+            # a plain one against 3.7 ms for the noise alone, now 4.0-4.7 (benchmarks/README.md,
+            # section 18). Not for JSD, whose step it slowed (197 -> 238 ms).
+            x = augment_fn(jax.random.fold_in(aug_key, 1), _materialized(x, st.step))
         if augment_fn is not None:
             # Materialize the augmented batch once. Otherwise XLA fuses the augmentation (the
             # Gaussian noise's random bits and inverse erf) into each consumer of the first
