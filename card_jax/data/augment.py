@@ -114,8 +114,8 @@ def autocontrast_lut(image: jax.Array) -> jax.Array:
     A constant channel (hi == lo) maps to itself.
     """
     flat = image.reshape(-1, image.shape[-1])
-    lo = flat.min(0)[:, None]
-    hi = flat.max(0)[:, None]
+    lo = flat.min(0)[:, None].astype(jnp.int32)  # uint8 images: lo * 256 + hi needs int32
+    hi = flat.max(0)[:, None].astype(jnp.int32)
     span = jnp.maximum(hi - lo, 1)
     stretched = jnp.clip((_LEVELS[None] - lo) * 255 // span, 0, 255)
     pairs, starts, counts, levels = _undershoots_by_pair()
@@ -433,11 +433,6 @@ def _paged_update(mask: jax.Array, target: jax.Array, fn: Callable, page: int,
     return target
 
 
-def _on_levels(fn: Callable) -> Callable:
-    """`fn(image, ...)` of an int32 image, for the uint8 chain images of `augmix`."""
-    return lambda image, *rest: fn(image.astype(jnp.int32), *rest)
-
-
 def _batched_chain_step(images, active, op, level, sign, max_shift: int):
     """One step of N chains at once: `[N, H, W, C]` int images, per-chain draws `[N]`.
 
@@ -445,25 +440,24 @@ def _batched_chain_step(images, active, op, level, sign, max_shift: int):
     an image-dependent table (autocontrast, equalize: histograms) is built only for the
     chains that drew one and a warp only runs for those that drew a geometric op: 2/9 and
     5/9 of the work of computing both for every chain. The images are uint8 (PIL's levels):
-    a quarter of the memory traffic of int32 levels, which the ops read as int32
-    (`_on_levels`). `max_shift`: the largest translation the draws can give (`_max_shift`).
+    a quarter of the memory traffic of int32 levels; every op reads them as they are and
+    `_paged_update` casts its results back. `max_shift`: the largest translation the draws
+    can give (`_max_shift`).
     """
     n, height, width, channels = images.shape
     luts = jax.vmap(lambda o, lv: _fixed_lut(o, lv, channels))(op, level)  # [N, C, 256]
     # One pass per image-dependent table: autocontrast needs only each channel's range,
     # equalize a histogram.
-    luts = _paged_update(active & (op == 0), luts, jax.vmap(_on_levels(autocontrast_lut)),
+    luts = _paged_update(active & (op == 0), luts, jax.vmap(autocontrast_lut),
                          HISTOGRAM_PAGE, images)
-    luts = _paged_update(active & (op == 1), luts, jax.vmap(_on_levels(equalize_lut)),
-                         HISTOGRAM_PAGE,
+    luts = _paged_update(active & (op == 1), luts, jax.vmap(equalize_lut), HISTOGRAM_PAGE,
                          images)
     slot = jnp.asarray(_MATRIX_SLOT)[op]
     coloured = jax.vmap(_apply_lut)(images, luts).astype(images.dtype)
     out = jnp.where((active & (slot == 0))[:, None, None, None], coloured, images)
     matrices = jax.vmap(lambda o, lv, sg: _step_matrix(o, lv, sg, height, width))(op, level, sign)
     for slots, (along_x, along_y) in _WARP_KINDS:
-        warp = jax.vmap(_on_levels(functools.partial(affine, along_x=along_x,
-                                                     along_y=along_y)))
+        warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
         out = _paged_update(active & jnp.isin(slot, jnp.asarray(slots)), out, warp, WARP_PAGE,
                             images, matrices)
     shift = jax.vmap(functools.partial(_translate, max_shift=max_shift))
@@ -491,12 +485,12 @@ def _translate(image: jax.Array, matrix: jax.Array, max_shift: int) -> jax.Array
     The same values as the warp: the source pixel (x + c, y + f) of each output pixel is a
     pixel centre, so its bilinear weights are 0 and 1, and a source outside the image gives
     PIL's black fill, which the padding holds. A slice copies whole rows where the warp
-    gathers each pixel (13 -> ~2 us per 32x32x3 image here).
+    gathers each pixel (13 -> ~2 us per 32x32x3 image here). `dynamic_slice` keeps its start
+    within the padded image, i.e. a shift within +-max_shift.
     """
     height, width, _ = image.shape
     padded = jnp.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    shift = jnp.clip(jnp.round(matrix[jnp.asarray([5, 2])]).astype(jnp.int32),
-                     -max_shift, max_shift)
+    shift = matrix[jnp.asarray([5, 2])].astype(jnp.int32)  # (f, c): whole numbers
     return jax.lax.dynamic_slice(padded, (max_shift + shift[0], max_shift + shift[1], 0),
                                  image.shape)
 
