@@ -91,6 +91,35 @@ def apply() -> None:
     os.environ.update(tuned_environ(os.environ))
 
 
+# Per-computation XLA:CPU options (`jax.jit(..., compiler_options=...)`) for small
+# latency-bound computations such as the deck's gate (100 images, ~0.3 ms of work): every op on
+# one thread (Eigen's thread pool off; no YNNPACK fusions, which split work over the pool too).
+# On the 2-vCPU Xeon each hand-off to the other vCPU cost tens of microseconds, more than the
+# op it parallelised: the gate took 509 -> 319 us per batch (benchmarks/README, section 19).
+SINGLE_THREAD_OPTIONS = (("xla_cpu_multi_thread_eigen", False),
+                         ("xla_cpu_experimental_ynn_fusion_type", ""))
+
+
+def single_thread_options(backend: str | None = None,
+                          jaxlib_version: str | None = None) -> dict[str, object]:
+    """`compiler_options` that keep a small computation on one thread: SINGLE_THREAD_OPTIONS
+    on the CPU backend of a jaxlib whose XLA has them, else {} (other backends and unchecked
+    jaxlibs compile as usual; an unknown option name would fail the compilation).
+
+    Args:
+      backend: the platform the computation compiles for (default: JAX's default backend).
+      jaxlib_version: default: the installed jaxlib's.
+    """
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+    if backend != "cpu" or not version.startswith(KNOWN_JAXLIB_PREFIXES):
+        return {}
+    return dict(SINGLE_THREAD_OPTIONS)
+
+
 def ynn_convolutions_disabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether `XLA_FLAGS` (of `environ`, default `os.environ`) keeps convolutions away from
     YNNPACK: the last `--xla_cpu_experimental_ynn_fusion_type` removes `individual_convolution`.

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from card_jax import config_util, run, state as state_lib, train
+from card_jax import config_util, run, state as state_lib, train, xla_flags
 from card_jax.data import corruption_sets
 from card_jax.deck import gate as gate_lib
 from card_jax.deck import members as members_lib
@@ -169,6 +169,22 @@ def test_kdtree_and_brute_force_find_the_same_neighbours(references):
         assert choice.tolist() == choices["brute"][0].tolist() == [group]
         np.testing.assert_allclose(distances, choices["brute"][1], atol=1e-7)
 
+
+
+def test_batch_gate_compiles_to_one_thread_on_cpu(references):
+    """Batch gating is compiled with `xla_flags.single_thread_options` (no YNNPACK fusions
+    on CPU) and gives the distances of the plain jitted functions."""
+    gate = gate_lib.Gate(references, spectral.SpectrumOptions())
+    images = (np.random.RandomState(3).rand(100, 32, 32, 1) * 255).astype(np.uint8)
+    valid = np.arange(100) < 90
+    text = gate._distances.lower(gate.references, images, valid).compile().as_text()
+    if xla_flags.single_thread_options():
+        assert "__ynn_fusion" not in text
+    plain = jax.jit(lambda r, x, v: gate_lib.brute_force_distances(
+        r, gate_lib.query_features(x, v, spectral.SpectrumOptions(), False)))
+    choice, distances = gate(images, valid)
+    np.testing.assert_allclose(distances, plain(references, images, valid), atol=1e-7)
+    assert choice.tolist() == [int(np.argmin(distances))]
 
 
 def test_nearest_is_exact_for_queries_beside_representatives():

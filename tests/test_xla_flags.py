@@ -86,3 +86,32 @@ def test_ynn_convolutions_disabled_reads_the_last_fusion_type_flag():
         {"XLA_FLAGS": YNN + " --xla_cpu_experimental_ynn_fusion_type=individual_dot"})
     assert not xla_flags.ynn_convolutions_disabled(
         {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"})
+
+
+def test_single_thread_options_only_for_cpu_with_a_known_jaxlib():
+    one_thread = {"xla_cpu_multi_thread_eigen": False, "xla_cpu_experimental_ynn_fusion_type": ""}
+    assert xla_flags.single_thread_options("cpu", "0.10.2") == one_thread
+    assert xla_flags.single_thread_options("gpu", "0.10.2") == {}
+    assert xla_flags.single_thread_options("tpu", "0.10.2") == {}
+    assert xla_flags.single_thread_options("cpu", "0.11.0") == {}
+
+
+@pytest.mark.skipif(not xla_flags._jaxlib_version().startswith(xla_flags.KNOWN_JAXLIB_PREFIXES),
+                    reason="the options are only given for the jaxlib releases listed")
+def test_the_installed_xla_compiles_with_the_single_thread_options():
+    """The options are accepted per computation and take the matmul away from YNNPACK (whose
+    fusions split work over XLA's thread pool), without changing its result."""
+    import jax
+    import numpy as np
+
+    a = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+
+    def product(x):
+        return x @ x
+
+    default = jax.jit(product).lower(a).compile()
+    single = jax.jit(product, compiler_options=xla_flags.single_thread_options("cpu")
+                     ).lower(a).compile()
+    assert "__ynn_fusion" in default.as_text()
+    assert "__ynn_fusion" not in single.as_text()
+    np.testing.assert_allclose(np.asarray(single(a)), np.asarray(default(a)), rtol=1e-6)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from card_jax import xla_flags
 from card_jax.data import pipeline
 from card_jax.deck import spectral
 
@@ -246,6 +247,11 @@ class Gate:
         if nn not in NN_METHODS:
             raise ValueError(f"deck.nn must be one of {NN_METHODS}, got {nn!r}")
         self.nn, self.options, self.per_example = nn, options, per_example
+        # Batch gating is ~0.3 ms of work per batch of 100: on CPU it compiles to run on one
+        # thread (`xla_flags.single_thread_options`), since every hand-off to XLA's other
+        # threads cost more than it saved there (benchmarks/README, section 19). Per-example
+        # search (M queries, M x P x D differences) keeps the thread pool.
+        compiler_options = {} if per_example else xla_flags.single_thread_options()
         if nn == "brute":
             if per_example:
                 self.references = jnp.asarray(references, jnp.float32)
@@ -258,11 +264,13 @@ class Gate:
             # ties) is taken from them on the host: one device->host copy per batch instead
             # of two, ~5% of a gate call that takes ~0.8 ms (benchmarks/README.md, section 13).
             self._distances = jax.jit(lambda references, images, valid: search(
-                references, query_features(images, valid, options, per_example)))
+                references, query_features(images, valid, options, per_example)),
+                compiler_options=compiler_options)
         else:
             self.search = KDTreeSearch(references)
             self._query = jax.jit(functools.partial(query_features, options=options,
-                                                    per_example=per_example))
+                                                    per_example=per_example),
+                                  compiler_options=compiler_options)
 
     def __call__(self, images, valid) -> tuple[np.ndarray, np.ndarray]:
         if self.nn == "brute":
