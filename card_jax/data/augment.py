@@ -54,11 +54,18 @@ _LEVELS = jnp.arange(256, dtype=jnp.int32)
 _IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def _histogram(image: jax.Array) -> jax.Array:
-    """int32 `[C, 256]` per-channel counts of an int image `[H, W, C]`."""
-    channels = image.shape[-1]
-    flat = image.reshape(-1, channels).T  # [C, HW]
-    return jax.vmap(lambda v: jnp.bincount(v, length=256))(flat).astype(jnp.int32)
+def _histograms(images: jax.Array) -> jax.Array:
+    """int32 `[N, C, 256]` per-channel counts of int images `[N, H, W, C]` (levels 0..255).
+
+    One scatter-add over a flat `[N * C * 256]` array: 93-106 us for a page of 16 RGB 32x32
+    images, against 201-244 us for a `bincount` per channel under `vmap`, whose batched
+    scatter handles every update with a multi-dimensional index (benchmarks/README, section 19).
+    """
+    n, _, _, channels = images.shape
+    bins = (jnp.arange(n)[:, None, None, None] * channels + jnp.arange(channels)) * 256
+    flat = (bins + images.astype(jnp.int32)).reshape(-1)
+    counts = jnp.zeros(n * channels * 256, jnp.int32).at[flat].add(1, mode="promise_in_bounds")
+    return counts.reshape(n, channels, 256)
 
 
 def _apply_lut(image: jax.Array, lut: jax.Array) -> jax.Array:
@@ -133,13 +140,23 @@ def autocontrast_lut(image: jax.Array) -> jax.Array:
 
 
 def equalize_lut(image: jax.Array) -> jax.Array:
-    """PIL ImageOps.equalize per channel (Pillow >= 10, the project's pin).
+    """PIL ImageOps.equalize per channel (Pillow >= 10, the project's pin): `[C, 256]` table
+    of an int image `[H, W, C]`.
 
     step = (pixels - count of the brightest level present) // 255; lut[i] = (step // 2 +
     #pixels below level i) // step, clipped to 255 (PIL clips the table when applying it).
     Identity when at most one level is present or step == 0 (fewer than ~256 pixels).
     """
-    hist = _histogram(image)  # [C, 256]
+    return _equalize_from_histogram(_histograms(image[None])[0])
+
+
+def equalize_luts(images: jax.Array) -> jax.Array:
+    """`equalize_lut` of each image `[N, H, W, C]` -> `[N, C, 256]`, with one histogram pass."""
+    return jax.vmap(_equalize_from_histogram)(_histograms(images))
+
+
+def _equalize_from_histogram(hist: jax.Array) -> jax.Array:
+    """`equalize_lut`'s table from the image's per-channel histogram `[C, 256]`."""
     total = hist.sum(-1, keepdims=True)
     brightest = jnp.max(jnp.where(hist > 0, _LEVELS[None], -1), axis=-1, keepdims=True)
     top_count = jnp.take_along_axis(hist, brightest, axis=-1)
@@ -450,8 +467,7 @@ def _batched_chain_step(images, active, op, level, sign, max_shift: int):
     # equalize a histogram.
     luts = _paged_update(active & (op == 0), luts, jax.vmap(autocontrast_lut),
                          HISTOGRAM_PAGE, images)
-    luts = _paged_update(active & (op == 1), luts, jax.vmap(equalize_lut), HISTOGRAM_PAGE,
-                         images)
+    luts = _paged_update(active & (op == 1), luts, equalize_luts, HISTOGRAM_PAGE, images)
     slot = jnp.asarray(_MATRIX_SLOT)[op]
     coloured = jax.vmap(_apply_lut)(images, luts).astype(images.dtype)
     out = jnp.where((active & (slot == 0))[:, None, None, None], coloured, images)
