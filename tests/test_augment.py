@@ -188,8 +188,10 @@ def test_batched_augmix_equals_the_per_image_definition(shape, depth, alpha):
 
     Same draws and ops; the two are different XLA programs, which may contract the bilinear
     warp's multiply-adds differently, so a truncated pixel level can differ by one in rare
-    pixels of one chain (seen: 1 of 315 values, by 2e-5 after mixing). Anything else, a wrong
-    draw or op, changes most of an image.
+    pixels of one chain, and a later op of that chain can widen the gap (autocontrast
+    stretches a narrow range, solarize flips a level at its threshold). Seen: 1 of 315 values,
+    by 2e-5 after mixing, and with flat-indexed taps 1 of 315 by 0.048 (12 levels times the
+    chain's weight). Anything else, a wrong draw or op, changes most of an image.
     """
     x = jnp.asarray(np.random.RandomState(4).randint(0, 256, shape) / 255.0, jnp.float32)
     key = jax.random.key(9)
@@ -198,7 +200,8 @@ def test_batched_augmix_equals_the_per_image_definition(shape, depth, alpha):
     want = jax.jit(jax.vmap(one))(jax.random.split(key, shape[0]), x)
     got = np.asarray(_augmix(key, x, depth=depth, alpha=alpha))
     diff = np.abs(got - np.asarray(want))
-    assert diff.max() <= 1 / 255 and (diff > 0).mean() < 0.01
+    assert (diff > 0).mean() < 0.01
+    assert diff.reshape(shape[0], -1).mean(-1).max() < 2e-3  # no image differs as a whole
 
 
 @pytest.mark.parametrize("page", [1, 2, 3, 8])

