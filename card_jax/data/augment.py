@@ -228,7 +228,8 @@ def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
 
     # Same operation order as PIL's BILINEAR macro: along x on both rows, then along y.
     def row(y):
-        return tap(y, xa) + (tap(y, xb) - tap(y, xa)) * dx if along_x else tap(y, xa)
+        left = tap(y, xa)
+        return left + (tap(y, xb) - left) * dx if along_x else left
 
     top = row(ya)
     out = top + (row(yb) - top) * dy if along_y else top
