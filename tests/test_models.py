@@ -357,3 +357,50 @@ def test_convnet_pools_before_relu_with_relu_then_pool_values_and_gradients():
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         np.testing.assert_array_equal(a, b)
     assert any(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g_got))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_layer_relu_is_jax_relu_in_values_and_gradients(train):
+    """`layers.relu` gives `jax.nn.relu`'s values and gradients (0 at 0), also under vmap
+    (where the training form's predicate is batched)."""
+    from card_jax.models import layers
+
+    x = jnp.asarray([[-2.0, -0.0, 0.0, 0.5], [3.0, -1e-30, 1e-30, -7.0]])
+    np.testing.assert_array_equal(layers.relu(x, train),
+                                  np.float32([[0, 0, 0, 0.5], [3, 0, 1e-30, 0]]))
+    weights = jnp.arange(1.0, 9.0).reshape(2, 4)
+    got = jax.grad(lambda x: jnp.sum(weights * layers.relu(x, train)))(x)
+    want = jax.grad(lambda x: jnp.sum(weights * jax.nn.relu(x)))(x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, [[0, 0, 0, 4], [5, 0, 7, 0]])
+    batched = jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(weights[0] * layers.relu(x, train)))))
+    np.testing.assert_array_equal(batched(x), weights[0] * (x > 0))
+
+
+def test_training_relu_is_not_fused_into_the_weight_gradient_transpose():
+    """On CPU the weight gradient of a convolution reads its input with batch and channels
+    swapped. With the training ReLU that transpose reads the ReLU's own buffer (a fused
+    ReLU + transpose is XLA:CPU's slow element loop; benchmarks/README.md, section 20);
+    the evaluation form leaves XLA free to fuse."""
+    import re
+
+    from card_jax.models import layers
+
+    z = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+
+    def loss(w, z, train):
+        a = layers.relu(z, train)
+        y = jax.lax.conv_general_dilated(a, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y ** 2)
+
+    def fused_relu_transposes(train):
+        hlo = jax.jit(jax.grad(loss), static_argnums=2).lower(w, z, train).compile().as_text()
+        computations = re.split(r"\n(?=%|ENTRY)", hlo)
+        return [c.split("\n")[0] for c in computations
+                if " transpose(" in c and " maximum(" in c]
+
+    assert fused_relu_transposes(train=False)  # what XLA does with a plain ReLU here
+    assert fused_relu_transposes(train=True) == []
+    np.testing.assert_array_equal(jax.grad(loss)(w, z, True), jax.grad(loss)(w, z, False))

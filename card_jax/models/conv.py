@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models import layers
 from card_jax.models.convolution import conv_general_dilated
 from card_jax.models.layers import (
     ImageClassifier,
@@ -103,9 +104,9 @@ class ConvNet(ImageClassifier):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """``[B, H, W, C]`` pixels in [0, 1] -> logits ``[B, num_classes]`` float32.
 
-        ``train`` is accepted for interface uniformity; Conv-k has no BN or dropout.
+        ``train`` picks the training step's ReLU (:func:`layers.relu`, the same values); Conv-k
+        has no BN or dropout.
         """
-        del train
         x = self.normalize(x)
         if tuple(x.shape[1:3]) != self.image_size:
             raise ValueError(
@@ -121,7 +122,7 @@ class ConvNet(ImageClassifier):
                 # when it is positive, and give zero otherwise. The ReLU then runs on a
                 # quarter of the elements (and its backward pass too).
                 x = max_pool_2x2(x)
-            x = jax.nn.relu(x)
+            x = layers.relu(x, train)
         x = x.reshape(x.shape[0], -1)
         for linear in self.linears[:-1]:
             x = jax.nn.relu(linear(x))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models import layers
 from card_jax.models.convolution import conv_general_dilated
 from card_jax.models.layers import (
     ImageClassifier,
@@ -88,10 +89,10 @@ class BasicBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         ura = not train
-        out = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        out = layers.relu(self.bn1(self.conv1(x), use_running_average=ura), train)
         out = self.bn2(self.conv2(out), use_running_average=ura)
         residual = x if self.shortcut is None else self.shortcut(x, train)
-        return jax.nn.relu(out + residual)
+        return layers.relu(out + residual, train)
 
 
 class Bottleneck(nnx.Module):
@@ -119,11 +120,11 @@ class Bottleneck(nnx.Module):
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         ura = not train
-        out = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        out = jax.nn.relu(self.bn2(self.conv2(out), use_running_average=ura))
+        out = layers.relu(self.bn1(self.conv1(x), use_running_average=ura), train)
+        out = layers.relu(self.bn2(self.conv2(out), use_running_average=ura), train)
         out = self.bn3(self.conv3(out), use_running_average=ura)
         residual = x if self.shortcut is None else self.shortcut(x, train)
-        return jax.nn.relu(out + residual)
+        return layers.relu(out + residual, train)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -179,7 +180,7 @@ class ResNet(ImageClassifier):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """``[B, H, W, C]`` pixels in [0, 1] -> logits ``[B, num_classes]`` float32."""
         x = self.normalize(x)
-        x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        x = layers.relu(self.bn1(self.conv1(x), use_running_average=not train), train)
         for blk in self.blocks:
             x = blk(x, train)
         return self.fc(global_avg_pool(x))

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models import layers
 from card_jax.models.layers import (
     ImageClassifier,
     batch_norm,
@@ -70,11 +71,11 @@ class ResNeXtBottleneck(nnx.Module):
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         ura = not train
-        out = jax.nn.relu(self.bn_reduce(self.conv_reduce(x), use_running_average=ura))
-        out = jax.nn.relu(self.bn(self.conv_conv(out), use_running_average=ura))
+        out = layers.relu(self.bn_reduce(self.conv_reduce(x), use_running_average=ura), train)
+        out = layers.relu(self.bn(self.conv_conv(out), use_running_average=ura), train)
         out = self.bn_expand(self.conv_expand(out), use_running_average=ura)
         residual = x if self.shortcut is None else self.shortcut(x, train)
-        return jax.nn.relu(out + residual)
+        return layers.relu(out + residual, train)
 
 
 class ResNeXt29(ImageClassifier):
@@ -127,7 +128,7 @@ class ResNeXt29(ImageClassifier):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """``[B, H, W, C]`` pixels in [0, 1] -> logits ``[B, num_classes]`` float32."""
         x = self.normalize(x)
-        x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        x = layers.relu(self.bn1(self.conv1(x), use_running_average=not train), train)
         for blk in self.blocks:
             x = blk(x, train)
         return self.fc(global_avg_pool(x))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from card_jax.models import layers
 from card_jax.models.convolution import conv_general_dilated
 from card_jax.models.layers import (
     ImageClassifier,
@@ -58,7 +59,7 @@ class _ConvBN(nnx.Module):
         self.bn = batch_norm(c_out, affine=bn_affine, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+        return layers.relu(self.bn(self.conv(x), use_running_average=not train), train)
 
 
 class VGG(ImageClassifier):
