@@ -34,7 +34,7 @@ from jax import lax
 import optax
 from flax import nnx
 
-from card_jax import state as state_lib
+from card_jax import fusion, state as state_lib
 from card_jax.data import pipeline
 from card_jax.models import convolution
 from card_jax.pruning.base import Method, get_trainable, set_trainable
@@ -124,17 +124,10 @@ class TrainStepParts(NamedTuple):
 
 
 def _materialized(x: jax.Array, step: jax.Array) -> jax.Array:
-    """`x`, computed once into a buffer of its own on CPU (elsewhere `x` as it is).
-
-    XLA:CPU drops `lax.optimization_barrier` before fusing, so the barrier is the one branch
-    of a `lax.cond` whose predicate it cannot evaluate at compile time (a step counter is
-    never negative): a conditional's result is a buffer, which its consumers read. Only on
-    CPU: a GPU conditional reads its predicate on the host, a sync per step.
-    """
-    def cpu(x, step):
-        return lax.cond(step >= 0, lambda v: v, jnp.zeros_like, x)
-
-    return lax.platform_dependent(x, step, cpu=cpu, default=lambda x, step: x)
+    """`x`, computed once into a buffer of its own on CPU (`fusion.computed_apart`; elsewhere
+    `x` as it is). A step counter is never negative, so the `zeros_like` branch never runs;
+    it only keeps XLA from removing a conditional of two identities."""
+    return fusion.computed_apart(lambda v: v, x, step >= 0, otherwise=jnp.zeros_like)
 
 
 def make_train_step_parts(

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from card_jax import fusion
+
 # PyTorch BatchNorm2d(momentum=0.1) updates ``running = 0.9 * running + 0.1 * batch``;
 # Flax's ``momentum`` is the weight of the *old* value, hence 0.9.
 BN_MOMENTUM = 0.9
@@ -78,35 +80,24 @@ def batch_norm(num_features: int, *, affine: bool, rngs: nnx.Rngs) -> nnx.BatchN
 def relu(x: jax.Array, train: bool) -> jax.Array:
     """``jax.nn.relu`` of a layer output that a convolution reads, e.g. ``[B, H, W, C]``.
 
-    The same values and gradients as ``jax.nn.relu``. In a training step on XLA:CPU
-    (``train`` and ``lax.platform_dependent``'s cpu branch) the ReLU runs inside a
-    ``lax.cond`` whose two branches are that same ReLU, so that XLA computes it once into a
-    buffer of its own. Why (benchmarks/README.md, section 20): the weight gradient of the
-    next convolution is XLA's backward-filter convolution, which reads this activation with
-    its batch and channel axes swapped (``[C, H, W, B]``). XLA duplicates a cheap elementwise
-    producer such as the ReLU (or BN + ReLU) into each consumer, and a transpose fused with
-    elementwise work gets XLA:CPU's plain element loop, where a lone transpose gets its tiled
-    transpose kernel: 62-79 ms against 9-13 for the 32x32x64 activations of a batch of 128. A
-    conditional is a fusion boundary XLA does not look through (``optimization_barrier`` is
-    removed before fusion on CPU), as for the augmented batch in ``steps._materialized``.
-    Training steps at batch 128: ResNet-18 (width 16) 12%, Conv-4 6%, Conv-8 5%, VGG-11
-    (width 0.5) 3% faster; bit-identical states.
+    The same values and gradients as ``jax.nn.relu``. In a training step on XLA:CPU the ReLU
+    is computed apart (:func:`card_jax.fusion.computed_apart`), once, into a buffer of its own.
+    Why (benchmarks/README.md, section 20): the weight gradient of the next convolution is
+    XLA's backward-filter convolution, which reads this activation with its batch and channel
+    axes swapped (``[C, H, W, B]``). XLA duplicates a cheap producer such as the ReLU (or
+    BN + ReLU) into each consumer, and a transpose fused with elementwise work gets XLA:CPU's
+    plain element loop, where a lone transpose gets its tiled transpose kernel: 62-79 ms
+    against 9-13 for the 32x32x64 activations of a batch of 128. Training steps at batch 128:
+    ResNet-18 (width 16) 12%, Conv-4 6%, Conv-8 5%, VGG-11 (width 0.5) 3% faster;
+    bit-identical states.
 
-    The predicate only has to be unknown at compile time: both branches are equal. Under
-    ``vmap`` (the realizations' vmap strategy) the predicate is batched and JAX turns the
-    cond into a select between the two equal branch values, which XLA fuses with the ReLU as
-    before (no boundary; a compare and a select more per element). Outside training
-    (evaluation, the deck's inference) nothing differentiates through the activation, and
-    the plain ReLU fuses with what surrounds it.
+    Both branches of the conditional are the ReLU, so any run-time predicate will do: the
+    sign of the first element. Outside training (evaluation, the deck's inference) nothing
+    differentiates through the activation, and the plain ReLU fuses with what surrounds it.
     """
     if not train or x.size == 0:
         return jax.nn.relu(x)
-    return jax.lax.platform_dependent(x, cpu=_relu_in_own_buffer, default=jax.nn.relu)
-
-
-def _relu_in_own_buffer(x: jax.Array) -> jax.Array:
-    """``jax.nn.relu`` inside a ``lax.cond`` with two equal branches (see :func:`relu`)."""
-    return jax.lax.cond(x.reshape(-1)[0] > 0, jax.nn.relu, jax.nn.relu, x)
+    return fusion.computed_apart(jax.nn.relu, x, x.reshape(-1)[0] > 0)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
