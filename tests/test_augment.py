@@ -204,6 +204,29 @@ def test_batched_augmix_equals_the_per_image_definition(shape, depth, alpha):
     assert diff.reshape(shape[0], -1).mean(-1).max() < 2e-3  # no image differs as a whole
 
 
+@pytest.mark.parametrize("shape,chains", [((64, 32, 32, 3), 3), ((5, 28, 28, 3), 3),
+                                          ((6, 8, 8, 3), 2), ((6, 8, 8, 3), 5)])
+def test_batched_mix_equals_the_per_image_tensordot_bit_for_bit(shape, chains):
+    """On RGB images (the only ones `augmix` gives it), `_mix_batch` (one elementwise pass)
+    == `vmap(_mix)` (a dot per image) exactly: the elementwise sum must compile to the dot's
+    fused multiply-adds, in the dot's order."""
+    rng = np.random.RandomState(7)
+    b = shape[0]
+    x01 = jnp.asarray(rng.randint(0, 256, shape) / 255.0, jnp.float32)
+    levels = jnp.asarray(rng.randint(0, 256, (b, chains) + shape[1:]), jnp.uint8)
+    draws = rng.exponential(size=(b, chains)).astype(np.float32)
+    weights = jnp.asarray(draws / draws.sum(1, keepdims=True))
+    m = jnp.asarray(rng.rand(b).astype(np.float32))
+
+    def as_float(levels):  # as `augmix` converts its chains
+        return levels.astype(jnp.float32) * (1.0 / 255.0)
+
+    per_image = jax.jit(lambda x, c, w, m: jax.vmap(augment._mix)(x, as_float(c), w, m))
+    batched = jax.jit(lambda x, c, w, m: augment._mix_batch(x, as_float(c), w, m))
+    want = np.asarray(per_image(x01, levels, weights, m))
+    np.testing.assert_array_equal(np.asarray(batched(x01, levels, weights, m)), want)
+
+
 @pytest.mark.parametrize("page", [1, 2, 3, 8])
 def test_paged_update_touches_exactly_the_masked_rows(page):
     mask = jnp.array([True, False, True, True, False, True, True])
