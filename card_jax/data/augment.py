@@ -481,23 +481,24 @@ def _batched_chain_step(images, active, op, level, sign, max_shift: int):
     """One step of N chains at once: `[N, H, W, C]` int images, per-chain draws `[N]`.
 
     Exactly `_chain_step` on every active chain (inactive ones are returned unchanged), but
-    an image-dependent table (autocontrast, equalize: histograms) is built only for the
-    chains that drew one and a warp only runs for those that drew a geometric op: 2/9 and
-    5/9 of the work of computing both for every chain. The images are uint8 (PIL's levels):
+    an image-dependent table (autocontrast, equalize: histograms) is built and applied only
+    for the chains that drew one and a warp only runs for those that drew a geometric op:
+    2/9 and 5/9 of the work of computing both for every chain; posterize and solarize are
+    arithmetic on the levels of the whole batch. The images are uint8 (PIL's levels):
     a quarter of the memory traffic of int32 levels; every op reads them as they are and
     `_paged_update` casts its results back. `max_shift`: the largest translation the draws
     can give (`_max_shift`).
     """
     n, height, width, channels = images.shape
-    luts = jax.vmap(lambda o, lv: _fixed_lut(o, lv, channels))(op, level)  # [N, C, 256]
-    # One pass per image-dependent table: autocontrast needs only each channel's range,
-    # equalize a histogram.
-    luts = _paged_update(active & (op == 0), luts, jax.vmap(autocontrast_lut),
-                         HISTOGRAM_PAGE, images)
-    luts = _paged_update(active & (op == 1), luts, equalize_luts, HISTOGRAM_PAGE, images)
+    out = _posterize_solarize(images, active, op, level)
+    # One pass per image-dependent table, each table applied to its own page: autocontrast
+    # needs only each channel's range, equalize a histogram.
+    out = _paged_update(active & (op == 0), out, jax.vmap(autocontrast), HISTOGRAM_PAGE,
+                        images)
+    out = _paged_update(active & (op == 1), out,
+                        lambda page: jax.vmap(_apply_lut)(page, equalize_luts(page)),
+                        HISTOGRAM_PAGE, images)
     slot = jnp.asarray(_MATRIX_SLOT)[op]
-    coloured = jax.vmap(_apply_lut)(images, luts).astype(images.dtype)
-    out = jnp.where((active & (slot == 0))[:, None, None, None], coloured, images)
     matrices = jax.vmap(lambda o, lv, sg: _step_matrix(o, lv, sg, height, width))(op, level, sign)
     for slots, (along_x, along_y) in _WARP_KINDS:
         warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
@@ -506,6 +507,21 @@ def _batched_chain_step(images, active, op, level, sign, max_shift: int):
     shift = jax.vmap(functools.partial(_translate, max_shift=max_shift))
     return _paged_update(active & (slot >= _TRANSLATE_SLOT), out, shift, WARP_PAGE, images,
                          matrices)
+
+
+def _posterize_solarize(images, active, op, level):
+    """uint8 `[N, H, W, C]` with posterize (op 2) or solarize (op 4) applied to the active
+    chains that drew it, as arithmetic on the levels: `_fixed_lut`'s values, in one pass
+    without a table (the image-dependent tables are applied page by page)."""
+    bits = 4 - _int_param(level, 4)                                 # [N]
+    keep = (256 - jnp.left_shift(1, 8 - bits)).astype(images.dtype)  # posterize's bit mask
+    threshold = 256 - _int_param(level, 256)
+    levels = images.astype(jnp.int32)
+    solarized = jnp.where(levels < threshold[:, None, None, None], levels, 255 - levels)
+    chain = lambda v: v[:, None, None, None]  # noqa: E731  [N] -> [N, 1, 1, 1]
+    return jnp.where(chain(active & (op == 2)), images & chain(keep),
+                     jnp.where(chain(active & (op == 4)), solarized.astype(images.dtype),
+                               images))
 
 
 # `_step_matrix` slots by the interpolation their warp needs: rotate both axes, shear_x only
