@@ -477,7 +477,7 @@ def _paged_update(mask: jax.Array, target: jax.Array, fn: Callable, page: int,
     return target
 
 
-def _batched_chain_step(images, active, op, level, sign, max_shift: int):
+def _batched_chain_step(images, active, op, level, sign):
     """One step of N chains at once: `[N, H, W, C]` int images, per-chain draws `[N]`.
 
     Exactly `_chain_step` on every active chain (inactive ones are returned unchanged), but
@@ -486,8 +486,7 @@ def _batched_chain_step(images, active, op, level, sign, max_shift: int):
     2/9 and 5/9 of the work of computing both for every chain; posterize and solarize are
     arithmetic on the levels of the whole batch. The images are uint8 (PIL's levels):
     a quarter of the memory traffic of int32 levels; every op reads them as they are and
-    `_paged_update` casts its results back. `max_shift`: the largest translation the draws
-    can give (`_max_shift`).
+    `_paged_update` casts its results back.
     """
     n, height, width, channels = images.shape
     out = _posterize_solarize(images, active, op, level)
@@ -504,7 +503,7 @@ def _batched_chain_step(images, active, op, level, sign, max_shift: int):
         warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
         out = _paged_update(active & jnp.isin(slot, jnp.asarray(slots)), out, warp, WARP_PAGE,
                             images, matrices)
-    shift = jax.vmap(functools.partial(_translate, max_shift=max_shift))
+    shift = jax.vmap(_translate)
     return _paged_update(active & (slot >= _TRANSLATE_SLOT), out, shift, WARP_PAGE, images,
                          matrices)
 
@@ -526,32 +525,29 @@ def _posterize_solarize(images, active, op, level):
 
 # `_step_matrix` slots by the interpolation their warp needs: rotate both axes, shear_x only
 # along x (each row keeps its y), shear_y only along y. One paged pass each. The integer
-# translations (slots 4, 5) need no interpolation at all: `_translate` slices them.
+# translations (slots 4, 5) need no interpolation at all: `_translate` moves whole pixels.
 _WARP_KINDS = (((1,), (True, True)), ((2,), (True, False)), ((3,), (False, True)))
 _TRANSLATE_SLOT = 4
 
 
-def _max_shift(severity: float, height: int, width: int) -> int:
-    """The largest |translation| in pixels AugMix can draw: `_int_param(level, size / 3)`
-    with level < severity."""
-    return int(np.floor(severity * max(height, width) / 30.0)) + 1
-
-
-def _translate(image: jax.Array, matrix: jax.Array, max_shift: int) -> jax.Array:
+def _translate(image: jax.Array, matrix: jax.Array) -> jax.Array:
     """`affine(image, matrix)` for an integer translation matrix (a = e = 1, b = d = 0;
-    c, f whole numbers of at most `max_shift` pixels), as one slice of the zero-padded image.
+    c, f whole numbers): each output pixel is its source pixel (x + c, y + f), or PIL's
+    black fill where that lies outside the image.
 
-    The same values as the warp: the source pixel (x + c, y + f) of each output pixel is a
-    pixel centre, so its bilinear weights are 0 and 1, and a source outside the image gives
-    PIL's black fill, which the padding holds. A slice copies whole rows where the warp
-    gathers each pixel (13 -> ~2 us per 32x32x3 image here). `dynamic_slice` keeps its start
-    within the padded image, i.e. a shift within +-max_shift.
+    The same values as the warp: the source point of each output pixel is a pixel centre,
+    so its bilinear weights are 0 and 1. One gather of whole pixels at edge-clamped indices,
+    then the fill: AugMix of 128 RGB 32x32 images took 6.84 -> 6.42 ms (20 interleaved
+    rounds, the same values) against a slice of the zero-padded image, a `dynamic_slice` that
+    `vmap` turns into a gather with a padding pass in front of it.
     """
     height, width, _ = image.shape
-    padded = jnp.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
     shift = matrix[jnp.asarray([5, 2])].astype(jnp.int32)  # (f, c): whole numbers
-    return jax.lax.dynamic_slice(padded, (max_shift + shift[0], max_shift + shift[1], 0),
-                                 image.shape)
+    ys = jnp.arange(height)[:, None] + shift[0]                  # [H, 1]
+    xs = jnp.arange(width)[None, :] + shift[1]                   # [1, W]
+    inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+    pixels = image[jnp.clip(ys, 0, height - 1), jnp.clip(xs, 0, width - 1)]
+    return jnp.where(inside[..., None], pixels, jnp.zeros((), image.dtype))
 
 
 def augmix(
@@ -589,11 +585,8 @@ def augmix(
     levels = jnp.round(x01 * 255.0).astype(jnp.uint8)  # back onto PIL's uint8 grid
     chains = jnp.broadcast_to(levels[:, None], (b, width, h, w, c)).reshape(b * width, h, w, c)
 
-    max_shift = _max_shift(severity, h, w)
-
     def body(images, s):
-        step = _batched_chain_step(images, s < d, op[:, s], level[:, s], sign[:, s],
-                                   max_shift)
+        step = _batched_chain_step(images, s < d, op[:, s], level[:, s], sign[:, s])
         return step, None
 
     chains, _ = jax.lax.scan(body, chains, jnp.arange(max_depth))
