@@ -612,9 +612,12 @@ def _mix_batch(x01, chains, weights, m):
     against 0.23-0.30 here. XLA:CPU's dot sums w_k chain_k as a chain of fused multiply-adds
     in k order, and the sum below, written term by term in that order, compiles to the same
     ones. Which product of `(1 - m) x + m mix` LLVM fuses into an add depends on the
-    compiled loop, though: for RGB images both programs fuse the same one (equal bit for bit,
-    `tests/test_augment.py`), for single-channel images they do not (1 ulp apart in ~22% of
-    the pixels), so `augmix` mixes those per image as before (0.23 ms per 128 28x28 images).
+    compiled loop, though. For RGB images both programs fuse the same one: equal bit for bit
+    (`tests/test_augment.py`), and so were the training states of the AugMix step. For
+    single-channel images they do not (1 ulp apart in ~22% of the pixels), so `augmix` mixes
+    those per image as before (0.23 ms per 128 28x28 images). In the JSD step, whose two
+    AugMix views XLA fuses with their concatenation, the old program fused the other product:
+    there the mixed views, and the states trained on them, differ in their last bits.
     """
     weights = weights[:, :, None, None, None]
     mix = weights[:, 0] * chains[:, 0]
