@@ -442,9 +442,10 @@ def _augmix_reference_one(key, x01, width: int, depth: int, severity: float, alp
 # images and one warp pass per kind, each kind draws ~43, 28 and 14 chains at the three
 # steps, so a page of 32 ran half empty: warp pages of 32 / 24 / 16 / 12 / 8 took 9.6-9.8 /
 # 9.2 / 8.7-8.8 / 8.8 / 8.5 ms (section 18 of benchmarks/README.md), one pass for the three
-# bilinear kinds 10.0 (32) and 9.7 (16).
+# bilinear kinds 10.0 (32) and 9.7 (16). After the later changes (section 21), warp pages
+# of 8 against 16: 6.32 against 6.44 ms (paired 0.983 over 30 interleaved rounds).
 HISTOGRAM_PAGE = 16
-WARP_PAGE = 16
+WARP_PAGE = 8
 
 
 def _paged_update(mask: jax.Array, target: jax.Array, fn: Callable, page: int,
