@@ -13,11 +13,13 @@ images `[B, H, W, C]` in [0, 1] *before* the model's normalisation.
   and the mixing weights are convex, so mixing before normalising equals the reference's
   mixing after it.
 
-Vectorisation: under `vmap` a data-dependent op choice would evaluate all nine ops. Instead
-each chain step builds ONE per-channel lookup table (the four colour ops; identity for a
-geometric op) and ONE affine matrix (the five geometric ops; identity for a colour op) for the
-chosen op and applies both, so a step costs one histogram, one table gather and one bilinear
-warp, whatever the op.
+Vectorisation: under `vmap` a data-dependent op choice would evaluate all nine ops. The
+one-image definition (`_chain_step`) builds ONE per-channel lookup table (the four colour ops;
+identity for a geometric op) and ONE affine matrix (the five geometric ops; identity for a
+colour op) for the chosen op and applies both. The batched `augmix` computes the same values
+step by step over all B * K chains, each piece only for the chains that drew it: the
+image-dependent tables and the warps in pages of chains (`_paged_update`), posterize and
+solarize as arithmetic on every chain's levels.
 """
 
 from __future__ import annotations
