@@ -202,10 +202,15 @@ def test_batched_augmix_equals_the_per_image_definition(shape, depth, alpha):
 
 @pytest.mark.parametrize("shape,chains", [((64, 32, 32, 3), 3), ((5, 28, 28, 3), 3),
                                           ((6, 8, 8, 3), 2), ((6, 8, 8, 3), 5)])
-def test_batched_mix_equals_the_per_image_tensordot_bit_for_bit(shape, chains):
+def test_batched_mix_equals_the_per_image_tensordot(shape, chains):
     """On RGB images (the only ones `augmix` gives it), `_mix_batch` (one elementwise pass)
-    == `vmap(_mix)` (a dot per image) exactly: the elementwise sum must compile to the dot's
-    fused multiply-adds, in the dot's order."""
+    == `vmap(_mix)` (a dot per image), to rounding.
+
+    On the AVX-512 Xeon of benchmarks/README section 21 the two are equal bit for bit (the
+    elementwise sum compiles to the dot's fused multiply-adds, in the dot's order), but which
+    products LLVM fuses depends on the compiled loop, so other CPUs may round differently:
+    every term is >= 0, so a few ulps bound that, while a wrong weight or a missing chain
+    moves values by far more."""
     rng = np.random.RandomState(7)
     b = shape[0]
     x01 = jnp.asarray(rng.randint(0, 256, shape) / 255.0, jnp.float32)
@@ -220,7 +225,8 @@ def test_batched_mix_equals_the_per_image_tensordot_bit_for_bit(shape, chains):
     per_image = jax.jit(lambda x, c, w, m: jax.vmap(augment._mix)(x, as_float(c), w, m))
     batched = jax.jit(lambda x, c, w, m: augment._mix_batch(x, as_float(c), w, m))
     want = np.asarray(per_image(x01, levels, weights, m))
-    np.testing.assert_array_equal(np.asarray(batched(x01, levels, weights, m)), want)
+    np.testing.assert_array_max_ulp(np.asarray(batched(x01, levels, weights, m)), want,
+                                    maxulp=4)
 
 
 @pytest.mark.parametrize("page", [1, 2, 3, 8])

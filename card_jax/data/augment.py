@@ -615,8 +615,9 @@ def _mix_batch(x01, chains, weights, m):
     against 0.23-0.30 here. XLA:CPU's dot sums w_k chain_k as a chain of fused multiply-adds
     in k order, and the sum below, written term by term in that order, compiles to the same
     ones. Which product of `(1 - m) x + m mix` LLVM fuses into an add depends on the
-    compiled loop, though. For RGB images both programs fuse the same one: equal bit for bit
-    (`tests/test_augment.py`), and so were the training states of the AugMix step. For
+    compiled loop, though. For RGB images both programs fuse the same one on the AVX-512 Xeon
+    of benchmarks/README section 21: equal bit for bit, and so were the training states of the
+    AugMix step (`tests/test_augment.py` allows a few ulps: other CPUs may fuse otherwise). For
     single-channel images they do not (1 ulp apart in ~22% of the pixels), so `augmix` mixes
     those per image as before (0.23 ms per 128 28x28 images). In the JSD step, whose two
     AugMix views XLA fuses with their concatenation, the old program fused the other product:
