@@ -191,16 +191,25 @@ def _equalize_from_histogram(hist: jax.Array, pixels: int) -> jax.Array:
     return jnp.where(keep, _LEVELS[None], lut)
 
 
-def posterize_lut(bits: jax.Array, channels: int) -> jax.Array:
-    """PIL ImageOps.posterize: keep the top `bits` bits of each level."""
+def _posterized(levels: jax.Array, bits: jax.Array) -> jax.Array:
+    """PIL ImageOps.posterize of int levels: keep the top `bits` bits of each (same dtype)."""
     mask = 256 - jnp.left_shift(1, 8 - bits)  # == ~(2**(8 - bits) - 1) & 0xFF
-    return jnp.broadcast_to(jnp.bitwise_and(_LEVELS, mask), (channels, 256))
+    return jnp.bitwise_and(levels, mask).astype(levels.dtype)
+
+
+def _solarized(levels: jax.Array, threshold: jax.Array) -> jax.Array:
+    """PIL ImageOps.solarize of int levels: invert every level >= threshold (same dtype)."""
+    return jnp.where(levels < threshold, levels, 255 - levels)
+
+
+def posterize_lut(bits: jax.Array, channels: int) -> jax.Array:
+    """PIL ImageOps.posterize as a table `[C, 256]`."""
+    return jnp.broadcast_to(_posterized(_LEVELS, bits), (channels, 256))
 
 
 def solarize_lut(threshold: jax.Array, channels: int) -> jax.Array:
-    """PIL ImageOps.solarize: invert every level >= threshold."""
-    return jnp.broadcast_to(jnp.where(_LEVELS < threshold, _LEVELS, 255 - _LEVELS),
-                            (channels, 256))
+    """PIL ImageOps.solarize as a table `[C, 256]`."""
+    return jnp.broadcast_to(_solarized(_LEVELS, threshold), (channels, 256))
 
 
 def rotate_matrix(degrees: jax.Array, height: int, width: int) -> jax.Array:
@@ -338,11 +347,15 @@ def _step_params(key: jax.Array, severity: float) -> tuple[jax.Array, jax.Array,
     return op, level, sign
 
 
+def _colour_params(level) -> tuple[jax.Array, jax.Array]:
+    """augmix's posterize bits and solarize threshold at `level`."""
+    return 4 - _int_param(level, 4), 256 - _int_param(level, 256)
+
+
 def _fixed_lut(op, level, channels: int) -> jax.Array:
     """`[C, 256]` table of the image-independent colour ops (posterize, solarize; identity
     for every other op)."""
-    bits = 4 - _int_param(level, 4)
-    threshold = 256 - _int_param(level, 256)
+    bits, threshold = _colour_params(level)
     identity = jnp.broadcast_to(_LEVELS, (channels, 256))
     return jnp.where(op == 2, posterize_lut(bits, channels),
                      jnp.where(op == 4, solarize_lut(threshold, channels), identity))
@@ -515,14 +528,10 @@ def _posterize_solarize(images, active, op, level):
     """uint8 `[N, H, W, C]` with posterize (op 2) or solarize (op 4) applied to the active
     chains that drew it, as arithmetic on the levels: `_fixed_lut`'s values, in one pass
     without a table (the image-dependent tables are applied page by page)."""
-    bits = 4 - _int_param(level, 4)                                 # [N]
-    keep = (256 - jnp.left_shift(1, 8 - bits)).astype(images.dtype)  # posterize's bit mask
-    threshold = 256 - _int_param(level, 256)
-    levels = images.astype(jnp.int32)
-    solarized = jnp.where(levels < threshold[:, None, None, None], levels, 255 - levels)
     chain = lambda v: v[:, None, None, None]  # noqa: E731  [N] -> [N, 1, 1, 1]
-    return jnp.where(chain(active & (op == 2)), images & chain(keep),
-                     jnp.where(chain(active & (op == 4)), solarized.astype(images.dtype),
+    bits, threshold = (chain(p) for p in _colour_params(level))
+    return jnp.where(chain(active & (op == 2)), _posterized(images, bits),
+                     jnp.where(chain(active & (op == 4)), _solarized(images, threshold),
                                images))
 
 
