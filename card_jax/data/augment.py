@@ -610,7 +610,12 @@ def augmix(
 
 def _mix(x01, chains, weights, m):
     """`(1 - m) x + m sum_k w_k chain_k` for one image `[H, W, C]`, chains `[K, H, W, C]`."""
-    mix = jnp.tensordot(weights, chains, axes=1)
+    return _blend(x01, jnp.tensordot(weights, chains, axes=1), m)
+
+
+def _blend(x01, mix, m):
+    """`(1 - m) x + m mix`, clipped to [0, 1]: AugMix's skip connection (any shape, `m`
+    broadcast against it)."""
     # Convex in exact arithmetic; the clip only removes float rounding past 0 or 1.
     return jnp.clip((1.0 - m) * x01 + m * mix, 0.0, 1.0)
 
@@ -636,8 +641,7 @@ def _mix_batch(x01, chains, weights, m):
     mix = weights[:, 0] * chains[:, 0]
     for k in range(1, chains.shape[1]):
         mix = weights[:, k] * chains[:, k] + mix
-    m = m[:, None, None, None]
-    return jnp.clip((1.0 - m) * x01 + m * mix, 0.0, 1.0)
+    return _blend(x01, mix, m[:, None, None, None])
 
 
 # ---------------------------------------------------------------------------------------------
