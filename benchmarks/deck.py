@@ -20,6 +20,8 @@ Per batch of M images (medians over interleaved rounds, each round `--batches` b
 Ratios (value from medians; paired_median = median of the per-round ratios):
   gate_over_member_inference          gate_brute_s / member_s, target < 0.05
   adaptive_over_agnostic_throughput   agnostic_s / adaptive_s, expected ~2 for 2 groups
+Everything runs with the deck job's synchronous dispatch (`deck.run.use_synchronous_dispatch`,
+as `card_jax.main` sets it for decks): each call runs on the calling thread.
 `--quick` (tests, CI): 2 rounds of 2 batches and 1000 representatives.
 Prints ONE JSON document on stdout; logs go to stderr.
 """
@@ -47,6 +49,7 @@ from card_jax import train  # noqa: E402
 from card_jax.data import sources  # noqa: E402
 from card_jax.deck import gate as gate_lib  # noqa: E402
 from card_jax.deck import predict, spectral  # noqa: E402
+from card_jax.deck import run as deck_run  # noqa: E402
 
 log = logging.getLogger("card_jax.benchmarks.deck")
 
@@ -100,6 +103,9 @@ def init_members(args, dataset: sources.Dataset):
 def main(argv=None) -> None:
     common.setup_logging()
     args = parse_args(argv)
+    # The deck job's dispatch (`card_jax.main` sets it for decks): every call runs on the
+    # calling thread; gate and members are timed as the deck runs them.
+    deck_run.use_synchronous_dispatch()
     size = args.image_size
     dataset = sources.load("synthetic", synthetic=dict(
         train_size=512, test_size=max(args.gate_batch * args.batches, args.gate_batch),

@@ -64,17 +64,19 @@ def main(argv: list[str]) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     import jax  # after flag parsing, so --help stays fast
 
+    config = _CONFIG.value
+    if "deck" in config:  # before JAX's backends start (the setting is read once)
+        from card_jax.deck import run as deck_run
+
+        deck_run.use_synchronous_dispatch()
     if _COORDINATOR.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from card_jax import checkpoint, run, train
 
-    config = _CONFIG.value
     try:
         config_util.refuse_legacy_keys(config)
         if "deck" in config:
-            from card_jax.deck import run as deck_run
-
             deck_run.build_and_evaluate(config, _WORKDIR.value)
         else:
             run.train_and_evaluate(config, _WORKDIR.value)

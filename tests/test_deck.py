@@ -173,18 +173,76 @@ def test_kdtree_and_brute_force_find_the_same_neighbours(references):
 
 def test_batch_gate_compiles_to_one_thread_on_cpu(references):
     """Batch gating is compiled with `xla_flags.single_thread_options` (no YNNPACK fusions
-    on CPU) and gives the distances of the plain jitted functions."""
+    on CPU), no loop is split across threads (`SPLIT_BYTES`), and the pieces give exactly the
+    distances of the whole batch at once."""
     gate = gate_lib.Gate(references, spectral.SpectrumOptions())
     images = (np.random.RandomState(3).rand(100, 32, 32, 1) * 255).astype(np.uint8)
     valid = np.arange(100) < 90
     text = gate._distances.lower(gate.references, images, valid).compile().as_text()
     if xla_flags.single_thread_options():
         assert "__ynn_fusion" not in text
-    plain = jax.jit(lambda r, x, v: gate_lib.brute_force_distances(
-        r, gate_lib.query_features(x, v, spectral.SpectrumOptions(), False)))
+        assert "outer_dimension_partitions" not in text
+    assert text.count(" fft(") == 2  # 100 images in two pieces of 50 (at most 80 each)
+
+    def whole_batch(r, x, v):  # every feature at once, the groups in one search
+        query = spectral.batch_mean(spectral.spectral_feature(x), v)[None]
+        return gate_lib.brute_force_distances(r, query)
+
     choice, distances = gate(images, valid)
-    np.testing.assert_allclose(distances, plain(references, images, valid), atol=1e-7)
+    np.testing.assert_array_equal(distances, jax.jit(whole_batch)(references, images, valid))
     assert choice.tolist() == [int(np.argmin(distances))]
+
+
+def test_images_per_piece_keeps_the_widest_loop_under_split_bytes():
+    # 32x32x1 uint8: the power spectrum, 32 x 17 complex in and float out, 6528 bytes/image.
+    assert gate_lib.images_per_piece((100, 32, 32, 1), np.uint8,
+                                     spectral.SpectrumOptions()) == 524287 // 6528 == 80
+    # Three planes per image: 3 x 6528 = 19584 bytes; the conversion reads 3 x 1024 uint8
+    # and writes 3 x 1024 floats (15360 bytes).
+    assert gate_lib.images_per_piece((100, 32, 32, 3), np.uint8, spectral.SpectrumOptions(
+        grayscale="per_channel")) == 524287 // 19584 == 26
+    # The conversion is the widest for float 3-channel images: 1024 x (3 x 4 + 4) bytes.
+    assert gate_lib.images_per_piece((100, 32, 32, 3), np.float32,
+                                     spectral.SpectrumOptions()) == 524287 // 16384 == 31
+    assert gate_lib.images_per_piece((8, 512, 512, 1), np.uint8,
+                                     spectral.SpectrumOptions()) == 1
+
+
+def test_batch_search_in_pieces_equals_one_search():
+    """Representatives longer than one piece (`SPLIT_BYTES`): the minimum over the pieces
+    is the minimum over all, for every group."""
+    rng = np.random.RandomState(4)
+    refs = rng.rand(3, 23, 12000).astype(np.float32)       # [G, D, P]: 3 pieces per group
+    query = rng.rand(1, 23).astype(np.float32)
+    assert 12000 > 2 * (gate_lib.SPLIT_BYTES // (24 * 4))
+    pieces = jax.jit(gate_lib.batch_query_distances)(refs, query)
+    whole = np.sqrt(((refs - query[0][None, :, None]) ** 2).sum(1).min(-1))[None]
+    np.testing.assert_allclose(pieces, whole, rtol=1e-6)
+    refs[1, :, 11999] = query[0]  # the nearest in the last piece: distance exactly 0
+    assert float(jax.jit(gate_lib.batch_query_distances)(refs, query)[0, 1]) == 0.0
+
+
+_READY_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp
+from card_jax.deck import run as deck_run
+if sys.argv[1] == "sync":
+    deck_run.use_synchronous_dispatch()
+f = jax.jit(lambda x: jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x))
+x = jax.block_until_ready(jnp.ones((1000, 1000)) * 1e-3)
+jax.block_until_ready(f(x))
+print(f(x).is_ready())
+"""
+
+
+@pytest.mark.parametrize("mode, ready", [("sync", "True"), ("async", "False")])
+def test_deck_jobs_dispatch_synchronously(mode, ready):
+    """After `use_synchronous_dispatch` a call returns with its result computed (it ran on
+    the calling thread); JAX's default returns at once, a ~100 ms computation still running."""
+    out = subprocess.run([sys.executable, "-c", _READY_SCRIPT, mode], cwd=REPO, env=cli_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == ready
 
 
 def test_nearest_is_exact_for_queries_beside_representatives():
@@ -447,6 +505,7 @@ def test_adaptive_deck_evaluates_only_the_chosen_members(deck_cli):
     # Timing-independent evidence: each member ran on exactly its group's gated batches.
     line = next(s for s in out.stderr.splitlines() if "gate batches served per member" in s)
     counts = json.loads(line.split("evaluation ")[-1])
+    assert "synchronous dispatch" in out.stderr  # card_jax.main set it for the deck job
     per_group = {g: sum(h[g] for h in histogram.values()) for g in ("augmix", "gaussian")}
     assert counts == [per_group["augmix"]] * 2 + [per_group["gaussian"]] * 2
 

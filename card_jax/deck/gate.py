@@ -38,6 +38,14 @@ GATE_DIR = "gate"
 GATE_FILE = "gate.json"
 NN_METHODS = ("brute", "kdtree")
 _CHUNK = 250  # representatives augmented per compiled call (bounded memory, one compile)
+# XLA:CPU splits a loop over its thread pool once the loop reads and writes more than this
+# (its parallel task assignment: one task per 256 KB accessed for memory-bound loops). The
+# batch gate, ~0.3 ms of work, runs on the calling thread in a deck job
+# (`deck.run.use_synchronous_dispatch`), and a piece handed to a sleeping pool thread cost it
+# more than the piece took (benchmarks/README.md, section 23). So the batch gate keeps every
+# loop below this size: spectra of a few images at a time (`images_per_piece`), the search over
+# one group at a time (`batch_query_distances`).
+SPLIT_BYTES = 2 * 256 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +183,30 @@ def query_features(images: jax.Array, valid: jax.Array, options: spectral.Spectr
     Args:
       images: uint8 or float `[M, H, W, C]` (a test batch, padded to M).
       valid: bool `[M]`.
+
+    For the batch mean the features are computed `images_per_piece` images at a time (the
+    same values: every image's feature is its own), so that no loop of the batch gate is
+    split across threads (`SPLIT_BYTES`).
     """
-    features = spectral.spectral_feature(images, options)
     if per_example:
-        return features
+        return spectral.spectral_feature(images, options)
+    count = images.shape[0]
+    pieces = -(-count // images_per_piece(images.shape, images.dtype, options))
+    step = -(-count // pieces)  # equal pieces: 100 images in two of 50, not 80 + 20
+    features = jnp.concatenate([spectral.spectral_feature(images[start:start + step], options)
+                                for start in range(0, count, step)])
     return spectral.batch_mean(features, valid)[None]
+
+
+def images_per_piece(shape: tuple[int, ...], dtype, options: spectral.SpectrumOptions) -> int:
+    """How many images of `shape` `[M, H, W, C]` keep each of the spectrum's two widest loops
+    under `SPLIT_BYTES`: the conversion (pixels in, float planes out) and the power spectrum
+    (the complex `rfft2` in, float out)."""
+    _, height, width, channels = shape
+    planes = channels if options.grayscale == "per_channel" else 1
+    conversion = height * width * (channels * np.dtype(dtype).itemsize + planes * 4)
+    power = planes * height * (width // 2 + 1) * (8 + 4)
+    return max(1, (SPLIT_BYTES - 1) // max(conversion, power))
 
 
 def brute_force_distances(references: jax.Array, queries: jax.Array) -> jax.Array:
@@ -196,9 +223,18 @@ def batch_query_distances(references_dpt: jax.Array, query: jax.Array) -> jax.Ar
     The same values as `brute_force_distances` on `[G, P, D]`; with P innermost, the sum over
     D adds D vectors of length P (vectorised) instead of reducing P rows of length D = 23:
     221 vs 327 us per call for 2 x 5,000 representatives (benchmarks/README.md, section 13).
+    One group, and at most `SPLIT_BYTES` of its representatives, at a time: no loop is split
+    across threads (the minimum over the pieces is exact).
     """
-    squared = jnp.sum((references_dpt - query[0][None, :, None]) ** 2, axis=1)     # [G, P]
-    return jnp.sqrt(squared.min(-1))[None]
+    groups, dim, count = references_dpt.shape
+    step = max(1, (SPLIT_BYTES - 1) // ((dim + 1) * 4))  # reads [D, step], writes [step]
+    nearest = []
+    for group in range(groups):
+        minima = [jnp.sum((references_dpt[group, :, start:start + step]
+                           - query[0][:, None]) ** 2, axis=0).min()
+                  for start in range(0, count, step)]
+        nearest.append(functools.reduce(jnp.minimum, minima))
+    return jnp.sqrt(jnp.stack(nearest))[None]
 
 
 def choose(distances: jax.Array) -> jax.Array:
@@ -249,7 +285,8 @@ class Gate:
         self.nn, self.options, self.per_example = nn, options, per_example
         # Batch gating is ~0.3 ms of work per batch of 100: on CPU it compiles to run on one
         # thread (`xla_flags.single_thread_options`), since every hand-off to XLA's other
-        # threads cost more than it saved there (benchmarks/README, section 19). Per-example
+        # threads cost more than it saved there (benchmarks/README, sections 19 and 23: single-
+        # thread Eigen, no YNNPACK fusions, and no loop over `SPLIT_BYTES`). Per-example
         # search (M queries, M x P x D differences) keeps the thread pool.
         compiler_options = {} if per_example else xla_flags.single_thread_options()
         if nn == "brute":

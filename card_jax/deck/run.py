@@ -400,6 +400,21 @@ def load_deck(config, workdir: str | pathlib.Path) -> tuple[Deck, Any]:
     return Deck(config, members, by_group, references, graphdef, params, batch_stats), data
 
 
+def use_synchronous_dispatch() -> None:
+    """Runs this process's XLA:CPU computations on the calling thread (JAX's
+    `jax_cpu_enable_async_dispatch` off). Takes effect only before JAX's CPU backend starts,
+    so a deck job calls it first (`card_jax.main`), and so does `benchmarks/deck.py`.
+
+    A deck job waits for every batch: the gate's choice on the host picks the members that run
+    next, and each batch's softmaxes are tallied on the host. Asynchronous dispatch overlaps
+    nothing there; it only hands each call to a PjRt worker thread and back, which on a
+    2-vCPU VM cost the ~0.3 ms gate about a fifth of its time (benchmarks/README.md,
+    section 23). Training keeps asynchronous dispatch (its input pipeline overlaps the step).
+    """
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    log.info("deck: synchronous dispatch (each XLA:CPU computation runs on the calling thread)")
+
+
 def build_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path) -> dict:
     """The deck command: checks, builds, evaluates and writes WORKDIR/results.json.
