@@ -206,6 +206,12 @@ def test_images_per_piece_keeps_the_widest_loop_under_split_bytes():
                                      spectral.SpectrumOptions()) == 524287 // 16384 == 31
     assert gate_lib.images_per_piece((8, 512, 512, 1), np.uint8,
                                      spectral.SpectrumOptions()) == 1
+    # Equal pieces, the last one shorter only when the count does not divide.
+    assert gate_lib._pieces(100, 80) == [slice(0, 50), slice(50, 100)]
+    assert gate_lib._pieces(12000, 5461) == [slice(0, 4000), slice(4000, 8000),
+                                             slice(8000, 12000)]
+    assert gate_lib._pieces(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 9)]
+    assert gate_lib._pieces(5, 0) == [slice(i, i + 1) for i in range(5)]
 
 
 def test_batch_search_in_pieces_equals_one_search():

@@ -190,12 +190,18 @@ def query_features(images: jax.Array, valid: jax.Array, options: spectral.Spectr
     """
     if per_example:
         return spectral.spectral_feature(images, options)
-    count = images.shape[0]
-    pieces = -(-count // images_per_piece(images.shape, images.dtype, options))
-    step = -(-count // pieces)  # equal pieces: 100 images in two of 50, not 80 + 20
-    features = jnp.concatenate([spectral.spectral_feature(images[start:start + step], options)
-                                for start in range(0, count, step)])
+    most = images_per_piece(images.shape, images.dtype, options)
+    features = jnp.concatenate([spectral.spectral_feature(images[piece], options)
+                                for piece in _pieces(images.shape[0], most)])
     return spectral.batch_mean(features, valid)[None]
+
+
+def _pieces(count: int, most: int) -> list[slice]:
+    """`count` items in the fewest pieces of at most `most` items, of equal size but the last
+    (100 images at most 80 a piece: two of 50, not 80 + 20)."""
+    number = -(-count // max(1, most))
+    step = -(-count // number)
+    return [slice(start, start + step) for start in range(0, count, step)]
 
 
 def images_per_piece(shape: tuple[int, ...], dtype, options: spectral.SpectrumOptions) -> int:
@@ -227,12 +233,11 @@ def batch_query_distances(references_dpt: jax.Array, query: jax.Array) -> jax.Ar
     across threads (the minimum over the pieces is exact).
     """
     groups, dim, count = references_dpt.shape
-    step = max(1, (SPLIT_BYTES - 1) // ((dim + 1) * 4))  # reads [D, step], writes [step]
+    most = (SPLIT_BYTES - 1) // ((dim + 1) * 4)  # a piece reads [D, n] and writes [n] floats
     nearest = []
     for group in range(groups):
-        minima = [jnp.sum((references_dpt[group, :, start:start + step]
-                           - query[0][:, None]) ** 2, axis=0).min()
-                  for start in range(0, count, step)]
+        minima = [jnp.sum((references_dpt[group, :, piece] - query[0][:, None]) ** 2,
+                          axis=0).min() for piece in _pieces(count, most)]
         nearest.append(functools.reduce(jnp.minimum, minima))
     return jnp.sqrt(jnp.stack(nearest))[None]
 
