@@ -29,8 +29,10 @@ changed by this benchmark): ms per batch of the production AugMix (3 chains of d
 image, 6 chain steps on average, each computing only the table or warp its op needs), of the
 earlier layout `augmix_all_steps` (9 masked steps per image, every piece in each: same
 values), AugMix with depth 1, one full chain step, and its pieces: the image-dependent colour
-tables (autocontrast; equalize needs a per-image histogram), applying a table, and the
-bilinear affine warp.
+tables (autocontrast; equalize needs a per-image histogram), applying a table, the
+bilinear affine warp, shear_x as a gather (`shear_warp`) and as AugMix computes it by
+selection among whole-pixel shifts (`shear_select`, same values), and all of a batch's random
+draws (`draws`).
 """
 
 from __future__ import annotations
@@ -56,13 +58,13 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import profile as profile_bench  # noqa: E402
 from card_jax import train  # noqa: E402
-from card_jax.data import augment  # noqa: E402
+from card_jax.data import augment, threefry  # noqa: E402
 
 log = logging.getLogger("card_jax.benchmarks.pipeline")
 
 TARGET_AUGMIX_OVER_NONE = 1.15
 BREAKDOWN = ("augmix", "augmix_all_steps", "augmix_depth1", "chain_step", "colour_tables",
-             "apply_table", "affine_warp")
+             "apply_table", "affine_warp", "shear_warp", "shear_select", "draws")
 VARIANTS = {  # name -> (data.augment, data.jsd)
     "none": ("none", False),
     "augmix": ("augmix", False),
@@ -170,6 +172,15 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     keys = jax.random.split(key, x01.shape[0])
     h, w, _ = x01.shape[1:]
     rotate = augment.rotate_matrix(jnp.float32(20.0), h, w)
+    shear = augment._matrix(b=0.09)
+    reach = augment.shear_reach(3.0, h, w)[0]
+    levels_u8 = levels.astype(jnp.uint8)
+
+    def draws(key):  # every random draw of AugMix for this batch, as `augmix` makes them
+        keys = jax.random.split(threefry.same_stream(key), x01.shape[0])
+        mix = jax.vmap(lambda k: augment._mix_draws(k, 3, 1.0))(keys)
+        chain_keys = jax.vmap(lambda k: jax.random.split(k, 3))(mix[2]).reshape(-1)
+        return mix[:2], jax.vmap(lambda k: augment._chain_draws(k, -1, 3, 3.0))(chain_keys)
     fns: dict[str, tuple[Callable, tuple]] = {
         "augmix": (augment.augmix, (key, x01)),
         "augmix_all_steps": (augmix_all_steps, (key, x01)),
@@ -180,6 +191,13 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         "apply_table": (jax.vmap(lambda im: augment._apply_lut(
             im, augment.posterize_lut(jnp.int32(2), im.shape[-1]))), (levels,)),
         "affine_warp": (jax.vmap(lambda im: augment.affine(im, rotate)), (levels,)),
+        # shear_x at AugMix's largest shear, as a gather (`affine` along x) and as AugMix
+        # computes it (`_shear`: each tap chosen among whole-pixel shifts; same values).
+        "shear_warp": (jax.vmap(lambda im: augment.affine(im, shear, along_y=False)),
+                       (levels,)),
+        "shear_select": (jax.vmap(lambda im: augment._shear(im, shear, along_x=True,
+                                                            reach=reach)), (levels_u8,)),
+        "draws": (draws, (key,)),
     }
     pieces = {}
     for name, (fn, fargs) in fns.items():
@@ -201,10 +219,13 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         "augmix_over_all_steps": ms["augmix"] / ms["augmix_all_steps"]
         if "augmix_all_steps" in ms else None,
         "colour_tables_fraction_of_chain_step": ms["colour_tables"] / ms["chain_step"],
+        "shear_select_over_warp": ms["shear_select"] / ms["shear_warp"]
+        if {"shear_select", "shear_warp"} <= set(ms) else None,
+        "draws_fraction_of_augmix": ms["draws"] / ms["augmix"] if "draws" in ms else None,
         "definition": "AugMix draws 3 chains of depth 1-3 per image (6 chain steps on "
                       "average); `augmix` computes a histogram table only for the chain steps "
                       "that drew autocontrast/equalize and a warp only for the geometric ones "
-                      "(augment._paged_update). augmix_all_steps: the earlier layout, 9 masked "
+                      "(augment._paged_rows). augmix_all_steps: the earlier layout, 9 masked "
                       "steps per image each building every table and the warp (same values); "
                       "chain_step: one such step of every image",
     }

@@ -229,18 +229,88 @@ def test_batched_mix_equals_the_per_image_tensordot(shape, chains):
                                     maxulp=4)
 
 
+def test_grouped_rows_lists_each_groups_rows_in_order():
+    order, start, count = augment._grouped_rows(jnp.array([2, 0, 2, 1, 0, 3]), 4, pad=2)
+    np.testing.assert_array_equal(order, [1, 4, 3, 0, 2, 5, 6, 6])
+    np.testing.assert_array_equal(start, [0, 2, 3, 5])
+    np.testing.assert_array_equal(count, [2, 1, 2, 1])
+    # An empty group starts where the next one does and lists nothing.
+    order, start, count = augment._grouped_rows(jnp.array([2, 2, 0]), 3, pad=1)
+    np.testing.assert_array_equal(order, [2, 0, 1, 3])
+    np.testing.assert_array_equal(start, [0, 1, 1])
+    np.testing.assert_array_equal(count, [1, 0, 2])
+
+
 @pytest.mark.parametrize("page", [1, 2, 3, 8])
-def test_paged_update_touches_exactly_the_masked_rows(page):
-    mask = jnp.array([True, False, True, True, False, True, True])
+def test_paged_rows_touch_exactly_one_groups_rows(page):
+    groups = jnp.array([1, 0, 1, 1, 2, 1, 1])  # group 1: rows 0, 2, 3, 5, 6
+    order, start, count = augment._grouped_rows(groups, 3, pad=page)
     target = jnp.zeros((7, 2), jnp.int32)
     rows = jnp.arange(7)
-    out = augment._paged_update(mask, target, lambda r: jnp.stack([r * 10, r + 1], -1), page,
-                                rows)
+
+    def fn(r):
+        return jnp.stack([r * 10, r + 1], -1)
+
+    out = augment._paged_rows((order, start[1], count[1]), target, fn, page, rows)
     np.testing.assert_array_equal(out, [[0, 1], [0, 0], [20, 3], [30, 4], [0, 0], [50, 6],
                                         [60, 7]])
-    none = augment._paged_update(jnp.zeros(7, bool), target, lambda r: jnp.stack([r, r], -1),
-                                 page, rows)
+    # Group 0 sits before it in `order`, group 2 after it: each touches only its own row.
+    first = augment._paged_rows((order, start[0], count[0]), target, fn, page, rows)
+    np.testing.assert_array_equal(first, [[0, 0], [10, 2], [0, 0], [0, 0], [0, 0], [0, 0],
+                                          [0, 0]])
+    last = augment._paged_rows((order, start[2], count[2]), target, fn, page, rows)
+    np.testing.assert_array_equal(last, [[0, 0], [0, 0], [0, 0], [0, 0], [40, 5], [0, 0],
+                                         [0, 0]])
+    none = augment._paged_rows((order, 7, 0), target, fn, page, rows)
     np.testing.assert_array_equal(none, target)
+
+
+def _shear_matrix(shear, along_x):
+    return augment._matrix(b=shear) if along_x else augment._matrix(d=shear)
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 3), (32, 32, 3), (28, 28, 1), (32, 32, 1)])
+@pytest.mark.parametrize("along_x", [True, False])
+def test_shear_by_selection_equals_the_warp(shape, along_x):
+    """`_shear` (each tap chosen among whole-pixel shifts) gives `affine`'s values.
+
+    The shears are multiples of 1/256 up to AugMix's largest at severity 3 (23/256 ~ 0.09):
+    their products with pixel coordinates are exact in float32, so no fused multiply-add can
+    round the two programs apart, and equality is exact. Too small a reach is caught."""
+    height, width, _ = shape
+    image = jnp.asarray(np.random.RandomState(5).randint(0, 256, shape), jnp.uint8)
+    reach = augment.shear_reach(3.0, height, width)[0 if along_x else 1]
+    shears = jnp.arange(-23, 24, dtype=jnp.float32) / 256.0
+    matrices = jax.vmap(lambda s: _shear_matrix(s, along_x))(shears)
+    warp = jax.jit(jax.vmap(lambda m: augment.affine(image.astype(jnp.int32), m,
+                                                     along_x=along_x, along_y=not along_x)))
+    want = np.asarray(warp(matrices))
+    assert np.unique(want.reshape(len(shears), -1), axis=0).shape[0] == len(shears)
+
+    def shear(reach):
+        return np.asarray(jax.jit(jax.vmap(lambda m: augment._shear(
+            image, m, along_x=along_x, reach=reach)))(matrices))
+
+    np.testing.assert_array_equal(shear(reach), want)
+    if max(height, width) >= 28:  # offsets of up to 3 pixels there
+        assert not np.array_equal(shear(1), want)
+
+
+def test_shear_reach_bounds_the_offsets_at_every_severity():
+    assert augment.shear_reach(3.0, 32, 32) == (4, 4)
+    assert augment.shear_reach(3.0, 28, 40) == (4, 5)
+    for severity, (height, width) in [(3.0, (32, 32)), (10.0, (32, 32)), (3.0, (9, 64))]:
+        reach_x, reach_y = augment.shear_reach(severity, height, width)
+        most = 0.03 * severity  # the largest |shear| AugMix draws at this severity
+        for along_x, reach, size in ((True, reach_x, height), (False, reach_y, width)):
+            for shear in (most, -most):
+                src_x, src_y, _ = augment._source_points(_shear_matrix(shear, along_x),
+                                                         height, width)
+                src, axis = (src_x, 1) if along_x else (src_y, 0)
+                own = jax.lax.broadcasted_iota(jnp.float32, src.shape, axis)
+                offset = np.floor(np.asarray(src)) - np.asarray(own)
+                assert offset.min() >= -reach and offset.max() + 1 <= reach + 1
+                assert np.abs(offset).max() >= reach - 2  # and is not loose
 
 
 def test_registry_has_a_uniform_signature():

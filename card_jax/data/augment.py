@@ -18,18 +18,22 @@ one-image definition (`_chain_step`) builds ONE per-channel lookup table (the fo
 identity for a geometric op) and ONE affine matrix (the five geometric ops; identity for a
 colour op) for the chosen op and applies both. The batched `augmix` computes the same values
 step by step over all B * K chains, each piece only for the chains that drew it: the
-image-dependent tables and the warps in pages of chains (`_paged_update`), posterize and
-solarize as arithmetic on every chain's levels.
+image-dependent tables and the warps in pages of chains (`_paged_rows`), posterize and
+solarize as arithmetic on every chain's levels. Its shears choose each tap among whole-pixel
+shifts of the image (`_shear`) where `affine` gathers: the same expressions on the same values.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from card_jax.data import threefry
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian noise (SPEC §8(b))
@@ -225,6 +229,20 @@ def _matrix(a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> jax.Array:
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in (a, b, c, d, e, f)])
 
 
+def _source_points(matrix: jax.Array, height: int, width: int):
+    """Where each output pixel samples the input under PIL affine `matrix` `[6]`: source x
+    and y `[H, W]` in pixel-index units (PIL's continuous coordinates minus the half pixel,
+    so a pixel centre lands on a whole number), and whether the point is inside the image
+    (PIL's test, on the continuous coordinates)."""
+    a, b, c, d, e, f = (matrix[i] for i in range(6))
+    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5,
+                          jnp.arange(width, dtype=jnp.float32) + 0.5, indexing="ij")
+    src_x = a * xs + b * ys + c
+    src_y = d * xs + e * ys + f
+    inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
+    return src_x - 0.5, src_y - 0.5, inside
+
+
 def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
            along_y: bool = True) -> jax.Array:
     """PIL Image.transform(AFFINE, matrix, BILINEAR) of an int image `[H, W, C]`.
@@ -238,14 +256,7 @@ def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
     for shear_y (shear_x) and integer translations, where that weight is exactly 0.
     """
     height, width, _ = image.shape
-    a, b, c, d, e, f = (matrix[i] for i in range(6))
-    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5,
-                          jnp.arange(width, dtype=jnp.float32) + 0.5, indexing="ij")
-    src_x = a * xs + b * ys + c
-    src_y = d * xs + e * ys + f
-    inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-    src_x = src_x - 0.5
-    src_y = src_y - 0.5
+    src_x, src_y, inside = _source_points(matrix, height, width)
     x0 = jnp.floor(src_x)
     y0 = jnp.floor(src_y)
     dx = (src_x - x0)[..., None]
@@ -267,6 +278,52 @@ def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
     top = row(ya)
     out = top + (row(yb) - top) * dy if along_y else top
     return jnp.where(inside[..., None], jnp.floor(out), 0.0).astype(jnp.int32)
+
+
+def _shear(image: jax.Array, matrix: jax.Array, *, along_x: bool, reach: int) -> jax.Array:
+    """`affine(image, matrix, along_x=along_x, along_y=not along_x)` for a shear along x
+    (`along_x`) or y whose every source point lies within `reach` pixels of its output pixel
+    along that axis, without a gather.
+
+    A shear keeps each output pixel's source on its own row (shear_x) or column (shear_y), a
+    whole number of pixels `offset` plus a fraction away. Each tap is chosen among the
+    2 * reach + 1 copies of the image shifted by whole pixels along that axis (edge-padded:
+    `affine`'s clamping), and the interpolation is `affine`'s expression on the same
+    values. XLA:CPU gathers element by element; these selects are whole-array passes.
+    """
+    height, width, _ = image.shape
+    src_x, src_y, inside = _source_points(matrix, height, width)
+    axis = 1 if along_x else 0
+    src = src_x if along_x else src_y
+    start = jnp.floor(src)
+    frac = (src - start)[..., None]
+    offset = (start.astype(jnp.int32)
+              - jax.lax.broadcasted_iota(jnp.int32, src.shape, axis))[..., None]  # [H, W, 1]
+    padding = [(0, 0)] * 3
+    padding[axis] = (reach, reach + 1)
+    padded = jnp.pad(image, padding, mode="edge")
+    size = image.shape[axis]
+
+    def shifted(o):  # image[clip(i + o)] along the axis, for -reach <= o <= reach + 1
+        return jax.lax.slice_in_dim(padded, reach + o, reach + o + size, axis=axis)
+
+    first, second = shifted(-reach), shifted(-reach + 1)
+    for o in range(-reach + 1, reach + 1):
+        first = jnp.where(offset == o, shifted(o), first)
+        second = jnp.where(offset == o, shifted(o + 1), second)
+    first = first.astype(jnp.float32)
+    out = first + (second.astype(jnp.float32) - first) * frac
+    return jnp.where(inside[..., None], jnp.floor(out), 0.0).astype(jnp.int32)
+
+
+def shear_reach(severity: float, height: int, width: int) -> tuple[int, int]:
+    """Bounds (x, y) on the whole-pixel offset between an output pixel and its source under
+    AugMix's shear_x and shear_y at `severity`: |shear| <= 0.03 severity (`_float_param(level,
+    0.3)`, level <= severity), so a source lies less than 0.03 severity (H - 0.5) pixels
+    along x from its output pixel under shear_x, (W - 0.5) along y under shear_y; one more
+    for the floor and float rounding."""
+    most = _float_param(float(severity), 0.3)
+    return (math.ceil(most * (height - 0.5)) + 1, math.ceil(most * (width - 0.5)) + 1)
 
 
 # Public single-op helpers (uint8-valued `[H, W, C]` in, same dtype out); AugMix itself uses
@@ -461,85 +518,137 @@ def _augmix_reference_one(key, x01, width: int, depth: int, severity: float, alp
 # of 8 against 16: 6.32 against 6.44 ms (paired 0.983 over 30 interleaved rounds).
 HISTOGRAM_PAGE = 16
 WARP_PAGE = 8
+# A shear selects each of its two taps among 2 * reach + 1 shifted copies (`_shear`); past
+# this many copies it gathers instead (`affine`). At severity 3 a 32x32 image needs 9: a page
+# of 8 RGB images took 43 us against the gather's 103 on one core (benchmarks/README.md,
+# section 24); the selects' cost grows with the copies, the gather's does not.
+MAX_SHEAR_COPIES = 15
 
 
-def _paged_update(mask: jax.Array, target: jax.Array, fn: Callable, page: int,
-                  *operands: jax.Array) -> jax.Array:
-    """`target[i] = fn(operand[i], ...)` for every i where `mask[i]`, `page` rows at a time.
+def _paged_rows(rows: tuple[jax.Array, jax.Array, jax.Array], target: jax.Array,
+                fn: Callable, page: int, *operands: jax.Array) -> jax.Array:
+    """`target[r] = fn(operand[r], ...)` for the `count` rows r = `order[start:start + count]`,
+    `page` rows at a time.
 
-    The rows with `mask` set are listed in order and processed in pages of `page` under a
-    `while_loop` that stops after the last one, so the work follows the number of set rows
-    instead of `len(mask)`; the last page's unused slots point past the end and are dropped.
+    The pages run under a `while_loop` that stops after the last one, so the work follows
+    `count` instead of `len(target)`; the last page's unused slots point past the end (row N)
+    and are dropped.
 
     Args:
-      mask: bool `[N]`.
+      rows: (order, start, count): int32 `[M]` row indices, increasing from `start` on, with
+        M >= start + count + page - 1 (`_grouped_rows` pads its order with N for this);
+        int32 scalars.
       target: `[N, ...]`, the array updated.
       fn: maps `page` rows of each operand (`[page, ...]`) to `page` rows of `target` (cast
         to its dtype).
       operands: `[N, ...]` each.
     """
-    n = mask.shape[0]
-    order = jnp.nonzero(mask, size=n + page, fill_value=n)[0]  # [n + page], then n = none
-    count = jnp.sum(mask.astype(jnp.int32))
+    order, start, count = rows
+    n = target.shape[0]
+    within = jnp.arange(page)
 
     def body(carry):
-        start, target = carry
-        rows = jax.lax.dynamic_slice(order, (start,), (page,))
+        done, target = carry
+        rows = jnp.where(done + within < count,
+                         jax.lax.dynamic_slice(order, (start + done,), (page,)), n)
         values = fn(*(o[jnp.minimum(rows, n - 1)] for o in operands)).astype(target.dtype)
-        return start + page, target.at[rows].set(values, mode="drop", unique_indices=True,
-                                                  indices_are_sorted=True)
+        return done + page, target.at[rows].set(values, mode="drop", unique_indices=True,
+                                                 indices_are_sorted=True)
 
     _, target = jax.lax.while_loop(lambda carry: carry[0] < count, body, (0, target))
     return target
 
 
-def _batched_chain_step(images, active, op, level, sign):
-    """One step of N chains at once: `[N, H, W, C]` int images, per-chain draws `[N]`.
+def _grouped_rows(groups: jax.Array, num_groups: int, pad: int):
+    """Row indices grouped by `groups` (int32 `[N]`, values 0 .. num_groups - 1): order
+    int32 `[N + pad]` (each group's rows in increasing order, the groups one after another,
+    then `pad` entries N), each group's first position in it `[G]` and its size `[G]`.
+
+    A counting sort: one pass for all groups where `jnp.nonzero` per group took a
+    cumulative sum and a scatter each.
+    """
+    n = groups.shape[0]
+    member = (groups[:, None] == jnp.arange(num_groups)).astype(jnp.int32)  # [N, G]
+    count = jnp.sum(member, axis=0)
+    start = jnp.cumsum(count) - count
+    rank = jnp.sum(jnp.cumsum(member, axis=0) * member, axis=1) - 1  # within its group
+    order = jnp.full(n + pad, n, jnp.int32).at[start[groups] + rank].set(
+        jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+    return order, start, count
+
+
+# The paged passes of a chain step, by `OPS` index: autocontrast, equalize, then the warps
+# (rotate, shear_x, shear_y, both translations). Posterize and solarize need none
+# (`_posterize_solarize`: arithmetic on every chain's levels), nor do inactive chains.
+_PASSES = ("autocontrast", "equalize", "rotate", "shear_x", "shear_y", "translate")
+_NO_PASS = len(_PASSES)
+_PASS_OF_OP = np.asarray([0, 1, _NO_PASS, 2, _NO_PASS, 3, 4, 5, 5], np.int32)
+
+
+def _step_groups(active: jax.Array, op: jax.Array):
+    """`_grouped_rows` of the chains by the pass of their op (`_PASSES`; the rest in a last
+    group): active bool `[N]`, op int `[N]`."""
+    passes = jnp.where(active, jnp.asarray(_PASS_OF_OP)[op], _NO_PASS)
+    return _grouped_rows(passes, _NO_PASS + 1, max(HISTOGRAM_PAGE, WARP_PAGE))
+
+
+def _batched_chain_step(images, active, op, level, sign, groups=None,
+                        severity: float = 3.0):
+    """One step of N chains at once: `[N, H, W, C]` uint8 images, per-chain draws `[N]`.
 
     Exactly `_chain_step` on every active chain (inactive ones are returned unchanged), but
-    an image-dependent table (autocontrast, equalize: histograms) is built and applied only
-    for the chains that drew one and a warp only runs for those that drew a geometric op:
-    2/9 and 5/9 of the work of computing both for every chain; posterize and solarize are
-    arithmetic on the levels of the whole batch. The images are uint8 (PIL's levels):
-    a quarter of the memory traffic of int32 levels; every op reads them as they are and
-    `_paged_update` casts its results back.
+    each chain only gets the work of the op it drew. The chains are grouped by op
+    (`_step_groups`; `augmix` computes every step's groups at once) and each group that
+    needs more than arithmetic runs in pages (`_paged_rows`): an image-dependent table
+    (autocontrast, equalize: histograms) is built only for the chains that drew one, a warp
+    only for the geometric ops. Posterize and solarize are arithmetic on the levels of the
+    whole batch, one pass (paging them measured 1% slower).
+
+    The images are uint8 (PIL's levels): every op reads them as they are and `_paged_rows`
+    casts its results back. Every pass reads the step's input `images` (reading the array
+    the passes before it updated gives the same values, but took 5.27 against 4.73 ms per
+    128 RGB images).
     """
     n, height, width, channels = images.shape
+    order, start, count = _step_groups(active, op) if groups is None else groups
+
+    def paged(target, name, fn, page, *operands):
+        i = _PASSES.index(name)
+        return _paged_rows((order, start[i], count[i]), target, fn, page, images, *operands)
+
     out = _posterize_solarize(images, active, op, level)
     # One pass per image-dependent table, each table applied to its own page: autocontrast
     # needs only each channel's range, equalize a histogram.
-    out = _paged_update(active & (op == 0), out, jax.vmap(autocontrast), HISTOGRAM_PAGE,
-                        images)
-    out = _paged_update(active & (op == 1), out,
-                        lambda page: jax.vmap(_apply_lut)(page, equalize_luts(page)),
-                        HISTOGRAM_PAGE, images)
-    slot = jnp.asarray(_MATRIX_SLOT)[op]
+    out = paged(out, "autocontrast", jax.vmap(autocontrast), HISTOGRAM_PAGE)
+    out = paged(out, "equalize", lambda page: jax.vmap(_apply_lut)(page, equalize_luts(page)),
+                HISTOGRAM_PAGE)
     matrices = jax.vmap(lambda o, lv, sg: _step_matrix(o, lv, sg, height, width))(op, level, sign)
-    for slots, (along_x, along_y) in _WARP_KINDS:
-        warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
-        out = _paged_update(active & jnp.isin(slot, jnp.asarray(slots)), out, warp, WARP_PAGE,
-                            images, matrices)
-    shift = jax.vmap(_translate)
-    return _paged_update(active & (slot >= _TRANSLATE_SLOT), out, shift, WARP_PAGE, images,
-                         matrices)
+    reach_x, reach_y = shear_reach(severity, height, width)
+    for name, along_x, along_y, reach in (("rotate", True, True, None),
+                                          ("shear_x", True, False, reach_x),
+                                          ("shear_y", False, True, reach_y)):
+        if reach is not None and 2 * reach + 1 <= MAX_SHEAR_COPIES:
+            warp = jax.vmap(functools.partial(_shear, along_x=along_x, reach=reach))
+        else:
+            warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
+        out = paged(out, name, warp, WARP_PAGE, matrices)
+    return paged(out, "translate", jax.vmap(_translate), WARP_PAGE, matrices)
 
 
 def _posterize_solarize(images, active, op, level):
     """uint8 `[N, H, W, C]` with posterize (op 2) or solarize (op 4) applied to the active
     chains that drew it, as arithmetic on the levels: `_fixed_lut`'s values, in one pass
-    without a table (the image-dependent tables are applied page by page)."""
-    chain = lambda v: v[:, None, None, None]  # noqa: E731  [N] -> [N, 1, 1, 1]
-    bits, threshold = (chain(p) for p in _colour_params(level))
-    return jnp.where(chain(active & (op == 2)), _posterized(images, bits),
-                     jnp.where(chain(active & (op == 4)), _solarized(images, threshold),
-                               images))
+    without a table (the image-dependent tables are applied page by page). One choice per
+    chain between its input and its op's result: 1.5-2.7% faster AugMix than choosing
+    between the two results and the input (section 24)."""
+    chosen = (active & ((op == 2) | (op == 4)))[:, None, None, None]
+    return jnp.where(chosen, jax.vmap(_colour_arithmetic)(images, op, level), images)
 
 
-# `_step_matrix` slots by the interpolation their warp needs: rotate both axes, shear_x only
-# along x (each row keeps its y), shear_y only along y. One paged pass each. The integer
-# translations (slots 4, 5) need no interpolation at all: `_translate` moves whole pixels.
-_WARP_KINDS = (((1,), (True, True)), ((2,), (True, False)), ((3,), (False, True)))
-_TRANSLATE_SLOT = 4
+def _colour_arithmetic(image: jax.Array, op: jax.Array, level: jax.Array) -> jax.Array:
+    """Posterize (op 2) or else solarize at `level` of one uint8 image `[H, W, C]`."""
+    bits, threshold = _colour_params(level)
+    return jnp.where(op == 2, _posterized(image, bits), _solarized(image, threshold))
 
 
 def _translate(image: jax.Array, matrix: jax.Array) -> jax.Array:
@@ -581,15 +690,19 @@ def augmix(
     Returns float32 `[B, H, W, C]`: `(1 - m) x + m sum_k w_k chain_k(x)`.
 
     The values are those of `_augmix_reference_one` per image (same keys, same draws, same
-    ops; up to float contraction in the bilinear warp, which XLA may compile differently in
-    the two programs); the work is laid out over all B * K chains at once, step by step, so
-    that each step computes a histogram or a warp only for the chains that need one
-    (`_paged_update`) and nothing for the chains whose depth is already reached.
+    ops; up to float contraction in the warps' coordinates, which XLA may compile differently
+    in the two programs); the work is laid out over all B * K chains at once, step by step,
+    so that each step computes a histogram or a warp only for the chains that need one
+    (`_paged_rows`) and nothing for the chains whose depth is already reached. The shears
+    select among whole-pixel shifts of the image (`_shear`) instead of gathering, and the
+    draws hash a threefry key with the hash written out straight (`threefry.same_stream`,
+    the same values as JAX's): AugMix of 128 RGB 32x32 images 5.5 -> 4.6 ms
+    (benchmarks/README.md, section 24).
     """
     x01 = x01.astype(jnp.float32)
     b, h, w, c = x01.shape
     max_depth = depth if depth > 0 else 3
-    keys = jax.random.split(key, b)
+    keys = jax.random.split(threefry.same_stream(key), b)
     weights, m, chain_keys = jax.vmap(lambda k: _mix_draws(k, width, alpha))(keys)
     chain_keys = jax.vmap(lambda k: jax.random.split(k, width))(chain_keys).reshape(b * width)
     d, op, level, sign = jax.vmap(
@@ -597,11 +710,14 @@ def augmix(
     levels = jnp.round(x01 * 255.0).astype(jnp.uint8)  # back onto PIL's uint8 grid
     chains = jnp.broadcast_to(levels[:, None], (b, width, h, w, c)).reshape(b * width, h, w, c)
 
-    def body(images, s):
-        step = _batched_chain_step(images, s < d, op[:, s], level[:, s], sign[:, s])
-        return step, None
+    active = jnp.arange(max_depth)[:, None] < d  # [S, N]
+    op, level, sign = op.T, level.T, sign.T         # [S, N]
+    groups = jax.vmap(_step_groups)(active, op)      # every step's passes at once
 
-    chains, _ = jax.lax.scan(body, chains, jnp.arange(max_depth))
+    def body(images, step):
+        return _batched_chain_step(*((images,) + step), severity=severity), None
+
+    chains, _ = jax.lax.scan(body, chains, (active, op, level, sign, groups))
     chains = chains.astype(jnp.float32).reshape(b, width, h, w, c) * (1.0 / 255.0)
     if c == 3:
         return _mix_batch(x01, chains, weights, m)
