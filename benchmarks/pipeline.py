@@ -30,9 +30,7 @@ image, 6 chain steps on average, each computing only the table or warp its op ne
 earlier layout `augmix_all_steps` (9 masked steps per image, every piece in each: same
 values), AugMix with depth 1, one full chain step, and its pieces: the image-dependent colour
 tables (autocontrast; equalize needs a per-image histogram), applying a table, the
-bilinear affine warp, shear_x as a gather (`shear_warp`) and as AugMix computes it by
-selection among whole-pixel shifts (`shear_select`, same values), and all of a batch's random
-draws (`draws`).
+bilinear affine warp, and all of a batch's random draws (`draws`).
 """
 
 from __future__ import annotations
@@ -64,7 +62,7 @@ log = logging.getLogger("card_jax.benchmarks.pipeline")
 
 TARGET_AUGMIX_OVER_NONE = 1.15
 BREAKDOWN = ("augmix", "augmix_all_steps", "augmix_depth1", "chain_step", "colour_tables",
-             "apply_table", "affine_warp", "shear_warp", "shear_select", "draws")
+             "apply_table", "affine_warp", "draws")
 VARIANTS = {  # name -> (data.augment, data.jsd)
     "none": ("none", False),
     "augmix": ("augmix", False),
@@ -172,9 +170,6 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     keys = jax.random.split(key, x01.shape[0])
     h, w, _ = x01.shape[1:]
     rotate = augment.rotate_matrix(jnp.float32(20.0), h, w)
-    shear = augment._matrix(b=0.09)
-    reach = augment.shear_reach(3.0, h, w)[0]
-    levels_u8 = levels.astype(jnp.uint8)
 
     def draws(key):  # every random draw of AugMix for this batch, as `augmix` makes them
         keys = jax.random.split(threefry.same_stream(key), x01.shape[0])
@@ -191,12 +186,6 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         "apply_table": (jax.vmap(lambda im: augment._apply_lut(
             im, augment.posterize_lut(jnp.int32(2), im.shape[-1]))), (levels,)),
         "affine_warp": (jax.vmap(lambda im: augment.affine(im, rotate)), (levels,)),
-        # shear_x at AugMix's largest shear, as a gather (`affine` along x) and as AugMix
-        # computes it (`_shear`: each tap chosen among whole-pixel shifts; same values).
-        "shear_warp": (jax.vmap(lambda im: augment.affine(im, shear, along_y=False)),
-                       (levels,)),
-        "shear_select": (jax.vmap(lambda im: augment._shear(im, shear, along_x=True,
-                                                            reach=reach)), (levels_u8,)),
         "draws": (draws, (key,)),
     }
     pieces = {}
@@ -219,8 +208,6 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         "augmix_over_all_steps": ms["augmix"] / ms["augmix_all_steps"]
         if "augmix_all_steps" in ms else None,
         "colour_tables_fraction_of_chain_step": ms["colour_tables"] / ms["chain_step"],
-        "shear_select_over_warp": ms["shear_select"] / ms["shear_warp"]
-        if {"shear_select", "shear_warp"} <= set(ms) else None,
         "draws_fraction_of_augmix": ms["draws"] / ms["augmix"] if "draws" in ms else None,
         "definition": "AugMix draws 3 chains of depth 1-3 per image (6 chain steps on "
                       "average); `augmix` computes a histogram table only for the chain steps "

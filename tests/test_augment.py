@@ -265,54 +265,6 @@ def test_paged_rows_touch_exactly_one_groups_rows(page):
     np.testing.assert_array_equal(none, target)
 
 
-def _shear_matrix(shear, along_x):
-    return augment._matrix(b=shear) if along_x else augment._matrix(d=shear)
-
-
-@pytest.mark.parametrize("shape", [(9, 11, 3), (32, 32, 3), (28, 28, 1), (32, 32, 1)])
-@pytest.mark.parametrize("along_x", [True, False])
-def test_shear_by_selection_equals_the_warp(shape, along_x):
-    """`_shear` (each tap chosen among whole-pixel shifts) gives `affine`'s values.
-
-    The shears are multiples of 1/256 up to AugMix's largest at severity 3 (23/256 ~ 0.09):
-    their products with pixel coordinates are exact in float32, so no fused multiply-add can
-    round the two programs apart, and equality is exact. Too small a reach is caught."""
-    height, width, _ = shape
-    image = jnp.asarray(np.random.RandomState(5).randint(0, 256, shape), jnp.uint8)
-    reach = augment.shear_reach(3.0, height, width)[0 if along_x else 1]
-    shears = jnp.arange(-23, 24, dtype=jnp.float32) / 256.0
-    matrices = jax.vmap(lambda s: _shear_matrix(s, along_x))(shears)
-    warp = jax.jit(jax.vmap(lambda m: augment.affine(image.astype(jnp.int32), m,
-                                                     along_x=along_x, along_y=not along_x)))
-    want = np.asarray(warp(matrices))
-    assert np.unique(want.reshape(len(shears), -1), axis=0).shape[0] == len(shears)
-
-    def shear(reach):
-        return np.asarray(jax.jit(jax.vmap(lambda m: augment._shear(
-            image, m, along_x=along_x, reach=reach)))(matrices))
-
-    np.testing.assert_array_equal(shear(reach), want)
-    if max(height, width) >= 28:  # offsets of up to 3 pixels there
-        assert not np.array_equal(shear(1), want)
-
-
-def test_shear_reach_bounds_the_offsets_at_every_severity():
-    assert augment.shear_reach(3.0, 32, 32) == (4, 4)
-    assert augment.shear_reach(3.0, 28, 40) == (4, 5)
-    for severity, (height, width) in [(3.0, (32, 32)), (10.0, (32, 32)), (3.0, (9, 64))]:
-        reach_x, reach_y = augment.shear_reach(severity, height, width)
-        most = 0.03 * severity  # the largest |shear| AugMix draws at this severity
-        for along_x, reach, size in ((True, reach_x, height), (False, reach_y, width)):
-            for shear in (most, -most):
-                src_x, src_y, _ = augment._source_points(_shear_matrix(shear, along_x),
-                                                         height, width)
-                src, axis = (src_x, 1) if along_x else (src_y, 0)
-                own = jax.lax.broadcasted_iota(jnp.float32, src.shape, axis)
-                offset = np.floor(np.asarray(src)) - np.asarray(own)
-                assert offset.min() >= -reach and offset.max() + 1 <= reach + 1
-                assert np.abs(offset).max() >= reach - 2  # and is not loose
-
-
 def test_registry_has_a_uniform_signature():
     x = jnp.full((4, 6, 6, 3), 0.5)
     key = jax.random.key(0)

@@ -19,14 +19,12 @@ identity for a geometric op) and ONE affine matrix (the five geometric ops; iden
 colour op) for the chosen op and applies both. The batched `augmix` computes the same values
 step by step over all B * K chains, each piece only for the chains that drew it: the
 image-dependent tables and the warps in pages of chains (`_paged_rows`), posterize and
-solarize as arithmetic on every chain's levels. Its shears choose each tap among whole-pixel
-shifts of the image (`_shear`) where `affine` gathers: the same expressions on the same values.
+solarize as arithmetic on every chain's levels.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -280,52 +278,6 @@ def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
     return jnp.where(inside[..., None], jnp.floor(out), 0.0).astype(jnp.int32)
 
 
-def _shear(image: jax.Array, matrix: jax.Array, *, along_x: bool, reach: int) -> jax.Array:
-    """`affine(image, matrix, along_x=along_x, along_y=not along_x)` for a shear along x
-    (`along_x`) or y whose every source point lies within `reach` pixels of its output pixel
-    along that axis, without a gather.
-
-    A shear keeps each output pixel's source on its own row (shear_x) or column (shear_y), a
-    whole number of pixels `offset` plus a fraction away. Each tap is chosen among the
-    2 * reach + 1 copies of the image shifted by whole pixels along that axis (edge-padded:
-    `affine`'s clamping), and the interpolation is `affine`'s expression on the same
-    values. XLA:CPU gathers element by element; these selects are whole-array passes.
-    """
-    height, width, _ = image.shape
-    src_x, src_y, inside = _source_points(matrix, height, width)
-    axis = 1 if along_x else 0
-    src = src_x if along_x else src_y
-    start = jnp.floor(src)
-    frac = (src - start)[..., None]
-    offset = (start.astype(jnp.int32)
-              - jax.lax.broadcasted_iota(jnp.int32, src.shape, axis))[..., None]  # [H, W, 1]
-    padding = [(0, 0)] * 3
-    padding[axis] = (reach, reach + 1)
-    padded = jnp.pad(image, padding, mode="edge")
-    size = image.shape[axis]
-
-    def shifted(o):  # image[clip(i + o)] along the axis, for -reach <= o <= reach + 1
-        return jax.lax.slice_in_dim(padded, reach + o, reach + o + size, axis=axis)
-
-    first, second = shifted(-reach), shifted(-reach + 1)
-    for o in range(-reach + 1, reach + 1):
-        first = jnp.where(offset == o, shifted(o), first)
-        second = jnp.where(offset == o, shifted(o + 1), second)
-    first = first.astype(jnp.float32)
-    out = first + (second.astype(jnp.float32) - first) * frac
-    return jnp.where(inside[..., None], jnp.floor(out), 0.0).astype(jnp.int32)
-
-
-def shear_reach(severity: float, height: int, width: int) -> tuple[int, int]:
-    """Bounds (x, y) on the whole-pixel offset between an output pixel and its source under
-    AugMix's shear_x and shear_y at `severity`: |shear| <= 0.03 severity (`_float_param(level,
-    0.3)`, level <= severity), so a source lies less than 0.03 severity (H - 0.5) pixels
-    along x from its output pixel under shear_x, (W - 0.5) along y under shear_y; one more
-    for the floor and float rounding."""
-    most = _float_param(float(severity), 0.3)
-    return (math.ceil(most * (height - 0.5)) + 1, math.ceil(most * (width - 0.5)) + 1)
-
-
 # Public single-op helpers (uint8-valued `[H, W, C]` in, same dtype out); AugMix itself uses
 # one table and one matrix per chain step (`_chain_step`), built from the same pieces.
 
@@ -518,11 +470,6 @@ def _augmix_reference_one(key, x01, width: int, depth: int, severity: float, alp
 # of 8 against 16: 6.32 against 6.44 ms (paired 0.983 over 30 interleaved rounds).
 HISTOGRAM_PAGE = 16
 WARP_PAGE = 8
-# A shear selects each of its two taps among 2 * reach + 1 shifted copies (`_shear`); past
-# this many copies it gathers instead (`affine`). At severity 3 a 32x32 image needs 9: a page
-# of 8 RGB images took 43 us against the gather's 103 on one core (benchmarks/README.md,
-# section 24); the selects' cost grows with the copies, the gather's does not.
-MAX_SHEAR_COPIES = 15
 
 
 def _paged_rows(rows: tuple[jax.Array, jax.Array, jax.Array], target: jax.Array,
@@ -592,8 +539,7 @@ def _step_groups(active: jax.Array, op: jax.Array):
     return _grouped_rows(passes, _NO_PASS + 1, max(HISTOGRAM_PAGE, WARP_PAGE))
 
 
-def _batched_chain_step(images, active, op, level, sign, groups=None,
-                        severity: float = 3.0):
+def _batched_chain_step(images, active, op, level, sign, groups=None):
     """One step of N chains at once: `[N, H, W, C]` uint8 images, per-chain draws `[N]`.
 
     Exactly `_chain_step` on every active chain (inactive ones are returned unchanged), but
@@ -623,14 +569,9 @@ def _batched_chain_step(images, active, op, level, sign, groups=None,
     out = paged(out, "equalize", lambda page: jax.vmap(_apply_lut)(page, equalize_luts(page)),
                 HISTOGRAM_PAGE)
     matrices = jax.vmap(lambda o, lv, sg: _step_matrix(o, lv, sg, height, width))(op, level, sign)
-    reach_x, reach_y = shear_reach(severity, height, width)
-    for name, along_x, along_y, reach in (("rotate", True, True, None),
-                                          ("shear_x", True, False, reach_x),
-                                          ("shear_y", False, True, reach_y)):
-        if reach is not None and 2 * reach + 1 <= MAX_SHEAR_COPIES:
-            warp = jax.vmap(functools.partial(_shear, along_x=along_x, reach=reach))
-        else:
-            warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
+    for name, along_x, along_y in (("rotate", True, True), ("shear_x", True, False),
+                                   ("shear_y", False, True)):
+        warp = jax.vmap(functools.partial(affine, along_x=along_x, along_y=along_y))
         out = paged(out, name, warp, WARP_PAGE, matrices)
     return paged(out, "translate", jax.vmap(_translate), WARP_PAGE, matrices)
 
@@ -693,11 +634,9 @@ def augmix(
     ops; up to float contraction in the warps' coordinates, which XLA may compile differently
     in the two programs); the work is laid out over all B * K chains at once, step by step,
     so that each step computes a histogram or a warp only for the chains that need one
-    (`_paged_rows`) and nothing for the chains whose depth is already reached. The shears
-    select among whole-pixel shifts of the image (`_shear`) instead of gathering, and the
-    draws hash a threefry key with the hash written out straight (`threefry.same_stream`,
-    the same values as JAX's): AugMix of 128 RGB 32x32 images 5.5 -> 4.6 ms
-    (benchmarks/README.md, section 24).
+    (`_paged_rows`) and nothing for the chains whose depth is already reached. The draws
+    hash a threefry key with the hash written out straight (`threefry.same_stream`, the same
+    values as JAX's; benchmarks/README.md, section 24).
     """
     x01 = x01.astype(jnp.float32)
     b, h, w, c = x01.shape
@@ -715,7 +654,7 @@ def augmix(
     groups = jax.vmap(_step_groups)(active, op)      # every step's passes at once
 
     def body(images, step):
-        return _batched_chain_step(*((images,) + step), severity=severity), None
+        return _batched_chain_step(*((images,) + step)), None
 
     chains, _ = jax.lax.scan(body, chains, (active, op, level, sign, groups))
     chains = chains.astype(jnp.float32).reshape(b, width, h, w, c) * (1.0 / 255.0)
