@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import profile as profile_bench  # noqa: E402
 from card_jax import train  # noqa: E402
-from card_jax.data import augment, threefry  # noqa: E402
+from card_jax.data import augment  # noqa: E402
 
 log = logging.getLogger("card_jax.benchmarks.pipeline")
 
@@ -170,12 +170,6 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     keys = jax.random.split(key, x01.shape[0])
     h, w, _ = x01.shape[1:]
     rotate = augment.rotate_matrix(jnp.float32(20.0), h, w)
-
-    def draws(key):  # every random draw of AugMix for this batch, as `augmix` makes them
-        keys = jax.random.split(threefry.same_stream(key), x01.shape[0])
-        mix = jax.vmap(lambda k: augment._mix_draws(k, 3, 1.0))(keys)
-        chain_keys = jax.vmap(lambda k: jax.random.split(k, 3))(mix[2]).reshape(-1)
-        return mix[:2], jax.vmap(lambda k: augment._chain_draws(k, -1, 3, 3.0))(chain_keys)
     fns: dict[str, tuple[Callable, tuple]] = {
         "augmix": (augment.augmix, (key, x01)),
         "augmix_all_steps": (augmix_all_steps, (key, x01)),
@@ -186,7 +180,8 @@ def bench_augmix_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         "apply_table": (jax.vmap(lambda im: augment._apply_lut(
             im, augment.posterize_lut(jnp.int32(2), im.shape[-1]))), (levels,)),
         "affine_warp": (jax.vmap(lambda im: augment.affine(im, rotate)), (levels,)),
-        "draws": (draws, (key,)),
+        # every random draw of AugMix for this batch, as `augmix` makes them
+        "draws": (lambda k: augment._batch_draws(k, x01.shape[0], 3, -1, 3.0, 1.0), (key,)),
     }
     pieces = {}
     for name, (fn, fargs) in fns.items():

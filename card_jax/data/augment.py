@@ -227,20 +227,6 @@ def _matrix(a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> jax.Array:
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in (a, b, c, d, e, f)])
 
 
-def _source_points(matrix: jax.Array, height: int, width: int):
-    """Where each output pixel samples the input under PIL affine `matrix` `[6]`: source x
-    and y `[H, W]` in pixel-index units (PIL's continuous coordinates minus the half pixel,
-    so a pixel centre lands on a whole number), and whether the point is inside the image
-    (PIL's test, on the continuous coordinates)."""
-    a, b, c, d, e, f = (matrix[i] for i in range(6))
-    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5,
-                          jnp.arange(width, dtype=jnp.float32) + 0.5, indexing="ij")
-    src_x = a * xs + b * ys + c
-    src_y = d * xs + e * ys + f
-    inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-    return src_x - 0.5, src_y - 0.5, inside
-
-
 def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
            along_y: bool = True) -> jax.Array:
     """PIL Image.transform(AFFINE, matrix, BILINEAR) of an int image `[H, W, C]`.
@@ -254,7 +240,14 @@ def affine(image: jax.Array, matrix: jax.Array, *, along_x: bool = True,
     for shear_y (shear_x) and integer translations, where that weight is exactly 0.
     """
     height, width, _ = image.shape
-    src_x, src_y, inside = _source_points(matrix, height, width)
+    a, b, c, d, e, f = (matrix[i] for i in range(6))
+    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5,
+                          jnp.arange(width, dtype=jnp.float32) + 0.5, indexing="ij")
+    src_x = a * xs + b * ys + c
+    src_y = d * xs + e * ys + f
+    inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
+    src_x = src_x - 0.5
+    src_y = src_y - 0.5
     x0 = jnp.floor(src_x)
     y0 = jnp.floor(src_y)
     dx = (src_x - x0)[..., None]
@@ -432,6 +425,20 @@ def _chain_draws(chain_key, depth: int, max_depth: int, severity: float):
     return d, *steps
 
 
+def _batch_draws(key, batch: int, width: int, depth: int, severity: float, alpha: float):
+    """Every random draw of `augmix` for `batch` images: (weights `[B, K]`, m `[B]`) and,
+    per chain (N = B * K, image-major), (d `[N]`, op / level / sign `[N, S]`).
+
+    The draws of `_augmix_reference_one` per image, on `threefry.same_stream(key)`: JAX's
+    threefry values without its loop on CPU (benchmarks/README.md, section 24)."""
+    max_depth = depth if depth > 0 else 3
+    keys = jax.random.split(threefry.same_stream(key), batch)
+    weights, m, chain_keys = jax.vmap(lambda k: _mix_draws(k, width, alpha))(keys)
+    chain_keys = jax.vmap(lambda k: jax.random.split(k, width))(chain_keys).reshape(-1)
+    chains = jax.vmap(lambda k: _chain_draws(k, depth, max_depth, severity))(chain_keys)
+    return (weights, m), chains
+
+
 def _augmix_reference_one(key, x01, width: int, depth: int, severity: float, alpha: float):
     """AugMix of one float image `[H, W, C]` in [0, 1], step by step (the definition).
 
@@ -539,12 +546,13 @@ def _step_groups(active: jax.Array, op: jax.Array):
     return _grouped_rows(passes, _NO_PASS + 1, max(HISTOGRAM_PAGE, WARP_PAGE))
 
 
-def _batched_chain_step(images, active, op, level, sign, groups=None):
+def _batched_chain_step(images, active, op, level, sign, groups):
     """One step of N chains at once: `[N, H, W, C]` uint8 images, per-chain draws `[N]`.
 
     Exactly `_chain_step` on every active chain (inactive ones are returned unchanged), but
     each chain only gets the work of the op it drew. The chains are grouped by op
-    (`_step_groups`; `augmix` computes every step's groups at once) and each group that
+    (`groups`: `_step_groups(active, op)`, which `augmix` computes for every step at once)
+    and each group that
     needs more than arithmetic runs in pages (`_paged_rows`): an image-dependent table
     (autocontrast, equalize: histograms) is built only for the chains that drew one, a warp
     only for the geometric ops. Posterize and solarize are arithmetic on the levels of the
@@ -556,7 +564,7 @@ def _batched_chain_step(images, active, op, level, sign, groups=None):
     128 RGB images).
     """
     n, height, width, channels = images.shape
-    order, start, count = _step_groups(active, op) if groups is None else groups
+    order, start, count = groups
 
     def paged(target, name, fn, page, *operands):
         i = _PASSES.index(name)
@@ -641,11 +649,7 @@ def augmix(
     x01 = x01.astype(jnp.float32)
     b, h, w, c = x01.shape
     max_depth = depth if depth > 0 else 3
-    keys = jax.random.split(threefry.same_stream(key), b)
-    weights, m, chain_keys = jax.vmap(lambda k: _mix_draws(k, width, alpha))(keys)
-    chain_keys = jax.vmap(lambda k: jax.random.split(k, width))(chain_keys).reshape(b * width)
-    d, op, level, sign = jax.vmap(
-        lambda k: _chain_draws(k, depth, max_depth, severity))(chain_keys)  # [N], [N, S]
+    (weights, m), (d, op, level, sign) = _batch_draws(key, b, width, depth, severity, alpha)
     levels = jnp.round(x01 * 255.0).astype(jnp.uint8)  # back onto PIL's uint8 grid
     chains = jnp.broadcast_to(levels[:, None], (b, width, h, w, c)).reshape(b * width, h, w, c)
 
